@@ -1,0 +1,1 @@
+"""Data preparation (MIMIC-CXR to shards), synthetic data and the streaming loader."""

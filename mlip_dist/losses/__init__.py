@@ -1,0 +1,1 @@
+"""MLIP losses (METHOD.md, Losses 1-4). Pure modules told their distributed setting."""

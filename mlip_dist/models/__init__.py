@@ -1,0 +1,1 @@
+"""Image and text encoders, projection heads, MAE decoder and the composed MLIP model."""
