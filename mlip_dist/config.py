@@ -37,6 +37,13 @@ class ProjectionKind(str, enum.Enum):
     MLP = "mlp"
 
 
+class PositionEmbedding(str, enum.Enum):
+    """Decoder position embedding: fixed 2-D sin-cos (MAE) or learned."""
+
+    SINCOS = "sincos"
+    LEARNED = "learned"
+
+
 class ZeroStage(int, enum.Enum):
     ZERO0 = 0
     ZERO1 = 1
@@ -76,6 +83,7 @@ class TextEncoderConfig:
     max_length: int = 256
     pool: GlobalPool = GlobalPool.CLS
     freeze_layers: int = 0  # freeze embeddings + the first k layers (CPU demo)
+    dropout: float | None = None  # hidden + attention dropout override; None keeps the model's own
 
 
 @dataclass
@@ -86,6 +94,7 @@ class DecoderConfig:
     depth: int = 4
     num_heads: int = 6
     norm_pix_loss: bool = True
+    pos_embed: PositionEmbedding = PositionEmbedding.SINCOS
 
 
 @dataclass
@@ -160,6 +169,7 @@ class TrainConfig:
 
 @dataclass
 class MLIPConfig:
+    preset: str | None = None  # model preset (paper | small | tiny) applied under the `model` section
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -288,6 +298,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MLIPConfig:
     """Load a YAML or JSON config, apply overrides, validate; raises ConfigError naming the field."""
     data: dict[str, Any] = {}
@@ -305,6 +322,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, list(overrides or []))
+    preset = data.get("preset")
+    if preset is not None:
+        from mlip_dist.models.presets import get_preset
+
+        try:
+            base = to_dict(get_preset(preset))
+        except KeyError as err:
+            raise ConfigError(f"preset: {err}") from None
+        data["model"] = _merge(base, data.get("model") or {})
     config = from_dict(MLIPConfig, data)
     validate(config)
     return config

@@ -21,6 +21,7 @@ class MLIPBatch:
     sentence_spans: torch.Tensor  # (B, S, 2) long
     sentence_mask: torch.Tensor  # (B, S) bool
     keys: list[str] = field(default_factory=list)
+    num_skipped: int = 0  # corrupt samples the loader skipped while building this batch
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MLIPBatch:
         return MLIPBatch(
@@ -30,6 +31,7 @@ class MLIPBatch:
             sentence_spans=self.sentence_spans.to(device, non_blocking=True),
             sentence_mask=self.sentence_mask.to(device, non_blocking=True),
             keys=self.keys,
+            num_skipped=self.num_skipped,
         )
 
     def __len__(self) -> int:

@@ -1,0 +1,1 @@
+"""Pieces of the pre-training program: DeepSpeed config, checkpoints, schedule, logging."""

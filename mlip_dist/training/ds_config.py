@@ -1,0 +1,104 @@
+"""Build the DeepSpeed config from the training config (one source of truth).
+
+The JSON files in ``ds_configs/`` hold only what is specific to a ZeRO layout; every value written
+``"auto"`` there (batch sizes, clipping, precision) is filled here from ``TrainConfig``, and the
+optimizer block is always written here. A value that is set in the JSON file and contradicts the
+training config is an error, not a silent override.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from mlip_dist.config import ConfigError, TrainConfig
+
+
+def resolve_micro_batch(train: TrainConfig, world_size: int) -> int:
+    """Per-rank batch; the global batch must split evenly over ranks (no gradient accumulation)."""
+    if train.micro_batch_size is not None:
+        if train.micro_batch_size * world_size != train.global_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size ({train.micro_batch_size}) x world size ({world_size}) must equal "
+                f"train.global_batch_size ({train.global_batch_size}): gradient accumulation is refused because "
+                "it would shrink the contrastive negatives to one micro-batch"
+            )
+        return train.micro_batch_size
+    if train.global_batch_size % world_size:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) is not divisible by the world size ({world_size})"
+        )
+    return train.global_batch_size // world_size
+
+
+def use_bf16(precision: str, bf16_supported: bool) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return bf16_supported
+
+
+def _fill(value: Any, replacement: Any, where: str) -> Any:
+    if value == "auto":
+        return replacement
+    if value != replacement:
+        raise ConfigError(f"{where} = {value!r} in the DeepSpeed config contradicts the training config ({replacement!r})")
+    return value
+
+
+def build_deepspeed_config(
+    template: dict[str, Any] | str | Path,
+    train: TrainConfig,
+    world_size: int,
+    bf16_supported: bool,
+) -> dict[str, Any]:
+    """Return a complete DeepSpeed config dict for ``train`` on ``world_size`` ranks."""
+    if not isinstance(template, dict):
+        path = Path(template)
+        if not path.is_file():
+            raise ConfigError(f"DeepSpeed config {path} does not exist")
+        template = json.loads(path.read_text())
+    config = copy.deepcopy(template)
+    micro = resolve_micro_batch(train, world_size)
+    config["train_batch_size"] = _fill(config.get("train_batch_size", "auto"), train.global_batch_size, "train_batch_size")
+    config["train_micro_batch_size_per_gpu"] = _fill(
+        config.get("train_micro_batch_size_per_gpu", "auto"), micro, "train_micro_batch_size_per_gpu"
+    )
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    if accumulation not in (1, "auto"):
+        raise ConfigError(
+            "gradient_accumulation_steps must be 1: accumulation would shrink the contrastive negatives "
+            "(raise train.global_batch_size or add ranks instead)"
+        )
+    config["gradient_accumulation_steps"] = 1
+    config["gradient_clipping"] = _fill(config.get("gradient_clipping", "auto"), train.grad_clip, "gradient_clipping")
+    bf16 = use_bf16(train.precision, bf16_supported)
+    config.setdefault("bf16", {})
+    config["bf16"]["enabled"] = _fill(config["bf16"].get("enabled", "auto"), bf16, "bf16.enabled")
+    config.pop("fp16", None)
+    zero = config.setdefault("zero_optimization", {})
+    stage = int(train.zero_stage)
+    zero["stage"] = _fill(zero.get("stage", "auto"), stage, "zero_optimization.stage")
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero:
+            zero[key]["pin_memory"] = False if zero[key].get("pin_memory") == "auto" else zero[key].get("pin_memory")
+    if train.offload and "offload_optimizer" not in zero:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        config["zero_force_ds_cpu_optimizer"] = False
+    # A torch AdamW (no compiled FusedAdam/CPUAdam): identical maths on GPU and CPU, no build step.
+    config["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": train.lr,
+            "betas": [train.beta1, train.beta2],
+            "eps": 1e-8,
+            "weight_decay": train.weight_decay,
+            "torch_adam": True,
+        },
+    }
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    config.setdefault("steps_per_print", 10**9)
+    return config

@@ -1,0 +1,91 @@
+"""DeepSpeed config builder, LR schedule and checkpoint bookkeeping (single process)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlip_dist.config import ConfigError, TrainConfig, ZeroStage
+from mlip_dist.training import checkpoint as ckpt
+from mlip_dist.training.ds_config import build_deepspeed_config, resolve_micro_batch
+from mlip_dist.training.schedule import cosine_with_warmup
+
+DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+@pytest.mark.parametrize("name, stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_ds_templates_filled_from_train_config(name, stage):
+    train = TrainConfig(global_batch_size=32, grad_clip=0.5, lr=3e-4, zero_stage=ZeroStage(stage), precision="bf16")
+    config = build_deepspeed_config(DS_CONFIGS / f"{name}.json", train, world_size=4, bf16_supported=False)
+    assert config["train_batch_size"] == 32
+    assert config["train_micro_batch_size_per_gpu"] == 8
+    assert config["gradient_accumulation_steps"] == 1
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] is True
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["optimizer"]["params"]["lr"] == 3e-4
+    assert "auto" not in json.dumps(config)
+
+
+def test_ds_template_stage_must_agree_with_train_config():
+    train = TrainConfig(zero_stage=ZeroStage.ZERO2)
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        build_deepspeed_config(DS_CONFIGS / "zero3.json", train, world_size=1, bf16_supported=False)
+
+
+def test_gradient_accumulation_is_refused():
+    with pytest.raises(ConfigError, match="negatives"):
+        resolve_micro_batch(TrainConfig(global_batch_size=64, micro_batch_size=8), world_size=2)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        build_deepspeed_config({"gradient_accumulation_steps": 4}, TrainConfig(), 1, False)
+
+
+def test_precision_auto_follows_hardware():
+    train = TrainConfig(precision="auto", global_batch_size=4)
+    assert build_deepspeed_config({}, train, 1, bf16_supported=True)["bf16"]["enabled"] is True
+    assert build_deepspeed_config({}, train, 1, bf16_supported=False)["bf16"]["enabled"] is False
+
+
+def test_cosine_schedule_shape():
+    kwargs = dict(warmup_steps=10, max_steps=110, base_lr=1.0, min_lr=0.1)
+    lrs = [cosine_with_warmup(s, **kwargs) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool) -> None:
+    folder = root / ckpt.tag_for_step(step)
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        ckpt.mark_complete(root, ckpt.tag_for_step(step), {"step": step})
+
+
+def test_latest_ignores_partial_checkpoints_and_prune_keeps_last(tmp_path):
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, step, complete=True)
+    _fake_checkpoint(tmp_path, 40, complete=False)  # a crash in the middle of saving
+    assert ckpt.find_latest(tmp_path) == "step_00000030"
+    removed = ckpt.prune(tmp_path, keep_last=2)
+    assert removed == ["step_00000010"]
+    assert [t for _, t in ckpt.complete_tags(tmp_path)] == ["step_00000020", "step_00000030"]
+    assert (tmp_path / "step_00000040").is_dir()  # newer partial save left alone
+
+
+def test_rng_state_round_trip_with_weights_only(tmp_path):
+    (tmp_path / "t").mkdir()
+    torch.manual_seed(123)
+    ckpt.save_rng(tmp_path, "t", rank=0)
+    expected = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    torch.manual_seed(999)
+    assert ckpt.load_rng(tmp_path, "t", rank=0)
+    got = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    ckpt.atomic_write_text(tmp_path / "a.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
