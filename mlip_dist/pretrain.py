@@ -88,7 +88,11 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
 
     from mlip_dist.data.loader import build_train_loader, read_dataset_info
     from mlip_dist.training.heatmaps import HeatmapLogger
-    from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
+    from mlip_dist.training.module import (
+        MLIPTrainingModule,
+        parameter_groups,
+        register_zero3_external_parameters,
+    )
     from mlip_dist.training.tensorboard import TrainLogger
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -112,6 +116,8 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
 
     module = MLIPTrainingModule(config.model, config.loss, rank=rank, world_size=world_size)
     module.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        register_zero3_external_parameters(module)
     train_cfg = config.train
 
     def lr_lambda(step: int) -> float:

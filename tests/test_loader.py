@@ -47,7 +47,10 @@ def write_shards(root: Path, num_shards: int, per_shard: int, corrupt_keys=(), s
                 })
                 index += 1
         names.append(name)
-    (root / "dataset.json").write_text(json.dumps({"splits": {split: {"shards": names, "count": index}}}))
+    info_path = root / "dataset.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {"splits": {}}
+    info["splits"][split] = {"shards": names, "count": index}
+    info_path.write_text(json.dumps(info))
     return root
 
 

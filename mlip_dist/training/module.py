@@ -22,7 +22,8 @@ class MLIPTrainingModule(nn.Module):
                  group: Any = None):
         super().__init__()
         self.model = MLIPModel(model_config, loss_config)
-        self.loss = MLIPLoss(loss_config)
+        self.loss = MLIPLoss(loss_config, num_patches=self.model.image_encoder.num_patches,
+                             norm_pix_loss=model_config.decoder.norm_pix_loss)
         self.rank, self.world_size, self.group = rank, world_size, group
         self.compute_full_view = loss_config.integrity == IntegrityMode.RELATIVE
 
@@ -30,6 +31,22 @@ class MLIPTrainingModule(nn.Module):
         output = self.model(batch, compute_full_view=self.compute_full_view)
         terms = self.loss(output, rank=self.rank, world_size=self.world_size, group=self.group)
         return terms.total, terms
+
+
+def register_zero3_external_parameters(module: MLIPTrainingModule) -> int:
+    """ZeRO-3 gathers a module's own parameters around its forward. The image encoder reads the timm
+    ViT's ``cls_token``/``reg_token``/``pos_embed`` itself (it never calls ``vit.forward``), so they
+    must be registered as external parameters of the encoder or they stay partitioned (size 0)."""
+    import deepspeed
+
+    encoder = module.model.image_encoder
+    count = 0
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        param = getattr(encoder.vit, name, None)
+        if isinstance(param, nn.Parameter):
+            deepspeed.zero.register_external_parameter(encoder, param)
+            count += 1
+    return count
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
