@@ -49,7 +49,7 @@ def write_shards(root: Path, num_shards: int, per_shard: int, corrupt_keys=(), s
         names.append(name)
     info_path = root / "dataset.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"splits": {}}
-    info["splits"][split] = {"shards": names, "count": index}
+    info["splits"][split] = {"shards": names, "num_samples": index}
     info_path.write_text(json.dumps(info))
     return root
 

@@ -64,7 +64,7 @@ def read_dataset_info(shard_dir: str | Path, split: str) -> SplitInfo:
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"{info_path}: {len(missing)} shard(s) listed but missing, e.g. {missing[0]}")
-    return SplitInfo(shards=shards, count=int(entry["count"]))
+    return SplitInfo(shards=shards, count=int(entry["num_samples"]))
 
 
 def _seed(*parts: Any) -> int:
