@@ -154,6 +154,7 @@ class TrainConfig:
     beta2: float = 0.98
     warmup_steps: int = 100
     max_steps: int = 1000
+    stop_at_step: int | None = None  # end this job after this step (checkpointed); the schedule keeps max_steps
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16
     zero_stage: ZeroStage = ZeroStage.ZERO2

@@ -184,7 +184,8 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
     engine.train()
     logger.info("training: %d ranks, micro batch %d, global batch %d, %d steps/epoch, steps %d -> %d, bf16=%s",
                 world_size, micro_batch, train_cfg.global_batch_size, steps_per_epoch, step, train_cfg.max_steps, bf16)
-    while step < train_cfg.max_steps:
+    last_step = min(train_cfg.max_steps, train_cfg.stop_at_step or train_cfg.max_steps)
+    while step < last_step:
         t_start = time.perf_counter()
         batch = next(iterator)
         skipped_samples += batch.num_skipped
@@ -212,7 +213,7 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
         step += 1
         samples_seen += train_cfg.global_batch_size
 
-        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+        if step % train_cfg.log_every == 0 or step == last_step:
             values = terms.scalars()
             stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
             dist.all_reduce(stacked)
@@ -226,15 +227,16 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
                           "memory/peak_gib": memory_gib(device), "data/skipped_samples": skipped_samples,
                           "lr": scheduler.get_last_lr()[0]}
                 tb.scalars(step, {**averaged, **timing})
-                logger.info("step %d/%d loss %.4f (g %.4f l %.4f r %.4f) %.1f samples/s", step, train_cfg.max_steps,
-                            averaged["loss/total"], averaged.get("loss/global", 0.0), averaged.get("loss/local", 0.0),
-                            averaged.get("loss/reconstruction", 0.0), timing["throughput/samples_per_s"])
+                logger.info("step %d/%d loss %.4f (g %.4f l %.4f r %.4f) lr %.3g %.1f samples/s", step,
+                            train_cfg.max_steps, averaged["loss/total"], averaged.get("loss/global", 0.0),
+                            averaged.get("loss/local", 0.0), averaged.get("loss/reconstruction", 0.0), timing["lr"],
+                            timing["throughput/samples_per_s"])
         if heatmaps is not None and step % train_cfg.image_log_every == 0:
             heatmaps.log(engine.module.model, tb, step)
             engine.train()
-        saved = step % train_cfg.save_every == 0 or step == train_cfg.max_steps
+        saved = step % train_cfg.save_every == 0 or step == last_step
         if saved:
-            save("periodic" if step < train_cfg.max_steps else "final")
+            save("final" if step == train_cfg.max_steps else "stop_at_step" if step == last_step else "periodic")
         if any_rank(stop.requested, device):
             if not saved:
                 save("signal")

@@ -284,6 +284,18 @@ class ShardStream(IterableDataset):
             epoch, offset = epoch + 1, 0
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the trainer, which checkpoints and then shuts them down.
+
+    A scheduler's preemption signal reaches every process of the job; a worker dying on it would make
+    the trainer's DataLoader raise before the checkpoint is written.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_train_loader(
     shard_dir: str | Path,
     split: str,
@@ -326,6 +338,10 @@ def build_train_loader(
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals,
         prefetch_factor=4 if num_workers > 0 else None,
+        # Its own generator: creating worker iterators must not draw from the global torch RNG, whose
+        # state (patch masking) is checkpointed and restored for exact resume.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, batches_per_epoch

@@ -1,0 +1,187 @@
+"""Pre-training launches on CPU: torchrun, the deepspeed launcher (1 node, --no_ssh per node, 4 loopback
+"hosts" through pdsh/ssh), ZeRO-2/3, checkpoint/resume equality, SIGTERM preemption, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch_utils import (
+    LOOPBACK_HOSTS,
+    REPO,
+    free_port,
+    launcher_env,
+    loopback_sshd,
+    missing_tools,
+    write_deepspeed_env,
+)
+from mlip_dist.config import ConfigError
+
+PRETRAIN = str(REPO / "mlip_dist" / "pretrain.py")
+
+
+def write_config(tmp_path: Path, shards: Path, tokenizer: str, **train) -> Path:
+    config = {
+        "preset": "tiny",
+        "model": {"text": {"tokenizer": tokenizer}},
+        "data": {"shards": str(shards), "num_workers": 1, "shuffle_buffer": 16, "augment": True},
+        "train": {"output_dir": str(tmp_path / "run"), "global_batch_size": 8, "max_steps": 6, "warmup_steps": 2,
+                  "save_every": 3, "log_every": 1, "image_log_every": 3, "lr": 1e-3, **train},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env or launcher_env(), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), PRETRAIN, *args]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "train_summary.json").read_text())
+
+
+def test_invalid_config_fails_before_any_process_group(tmp_path):
+    from mlip_dist.pretrain import main
+
+    with pytest.raises(ConfigError, match="train.lrr"):
+        main(["--train.lrr", "1"])
+    env = launcher_env()
+    started = time.time()
+    result = subprocess.run([sys.executable, PRETRAIN, "--loss.integrity", "sometimes"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "loss.integrity" in result.stderr
+    assert time.time() - started < 60
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, synthetic_shards, minilm_path):
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    for folder in (straight_dir, resumed_dir):
+        folder.mkdir()
+    straight_cfg = write_config(straight_dir, synthetic_shards, minilm_path, max_steps=6, save_every=3)
+    run(torchrun(2, "--config", str(straight_cfg), "--deepspeed_config", "ds_configs/zero2.json"), REPO)
+    resumed_cfg = write_config(resumed_dir, synthetic_shards, minilm_path, max_steps=6, save_every=100)
+    run(torchrun(2, "--config", str(resumed_cfg), "--deepspeed_config", "ds_configs/zero2.json",
+                 "--train.stop_at_step", "3"), REPO)
+    result = run(torchrun(2, "--config", str(resumed_cfg), "--deepspeed_config", "ds_configs/zero2.json",
+                          "--resume", "auto"), REPO)
+    assert "resumed from" in result.stderr
+    straight = summary(straight_dir / "run")["loss_history"]
+    resumed = summary(resumed_dir / "run")["loss_history"]
+    assert len(straight) == 6 and len(resumed) == 3
+    # Same data, masks, augmentation and optimizer state: equal up to float32 reduction-order noise.
+    assert resumed == pytest.approx(straight[3:], rel=1e-5, abs=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight_dir / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("loss/total", "loss/global", "loss/local", "loss/reconstruction", "lr", "logit_scale",
+                "integrity/mean", "ot/iterations", "ot/marginal_error", "throughput/samples_per_s",
+                "time/data_wait_s", "time/forward_s", "time/backward_step_s", "memory/peak_gib"):
+        assert tag in scalars, tag
+    assert [e.value for e in events.Scalars("loss/total")] == pytest.approx(straight)
+    assert any(tag.startswith("ot_heatmap/") for tag in events.Tags()["images"])
+    assert json.loads((straight_dir / "run" / "config.json").read_text())["train"]["max_steps"] == 6
+
+
+@pytest.mark.slow
+def test_zero3_with_the_deepspeed_launcher_learns(tmp_path, synthetic_shards, minilm_path):
+    config = write_config(tmp_path, synthetic_shards, minilm_path, max_steps=30, save_every=30, zero_stage=3,
+                          lr=2e-3, warmup_steps=3, image_log_every=0)
+    env = launcher_env()
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN, "--config", str(config),
+         "--deepspeed_config", "ds_configs/zero3.json"], REPO, env)
+    history = summary(tmp_path / "run")["loss_history"]
+    assert len(history) == 30
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert last < first - 0.1, history
+    tags = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert tags == ["step_00000030"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, synthetic_shards, minilm_path):
+    config = write_config(tmp_path, synthetic_shards, minilm_path, max_steps=10_000, save_every=10_000,
+                          image_log_every=0)
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen(torchrun(2, "--config", str(config), "--deepspeed_config", "ds_configs/zero2.json"),
+                               cwd=REPO, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while "step 3/" not in (tmp_path / "log.txt").read_text():
+        assert process.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)  # what a scheduler does on preemption: every process of the job
+    process.wait(timeout=120)
+    text = (tmp_path / "log.txt").read_text()
+    assert "stopped by signal" in text, text[-3000:]
+    from mlip_dist.training.checkpoint import complete_tags
+
+    tags = complete_tags(tmp_path / "run" / "checkpoints")
+    assert tags, text[-3000:]
+    saved_step = tags[-1][0]
+    marker = json.loads((tmp_path / "run" / "checkpoints" / tags[-1][1] / "complete.json").read_text())
+    assert marker["reason"] == "signal"
+    result = run(torchrun(2, "--config", str(config), "--deepspeed_config", "ds_configs/zero2.json",
+                          "--train.max_steps", str(saved_step + 2)), REPO)
+    assert f"at step {saved_step}" in result.stderr
+    assert summary(tmp_path / "run")["step"] == saved_step + 2
+
+
+@pytest.mark.slow
+def test_no_ssh_one_launcher_per_node(tmp_path, synthetic_shards, minilm_path):
+    config = write_config(tmp_path, synthetic_shards, minilm_path, max_steps=3, image_log_every=0)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    port = free_port()
+    env = launcher_env()
+    processes = [
+        subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), PRETRAIN, "--config", str(config),
+                          "--deepspeed_config", "ds_configs/zero2.json"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 ranks" in outputs[0]
+    assert summary(tmp_path / "run")["step"] == 3
+
+
+@pytest.mark.slow
+def test_four_node_launch_through_pdsh_and_ssh(tmp_path, synthetic_shards, minilm_path):
+    missing = missing_tools("pdsh", "sshd", "ssh-keygen")
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (apt-get install pdsh openssh-server)")
+    config = write_config(tmp_path, synthetic_shards, minilm_path, max_steps=3, zero_stage=3, image_log_every=0)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{host} slots=1\n" for host in LOOPBACK_HOSTS))
+    env = launcher_env()
+    with loopback_sshd(tmp_path / "ssh") as ssh_env:
+        env.update(ssh_env)
+        write_deepspeed_env(tmp_path, env)
+        result = run(["deepspeed", "--num_nodes", "4", "--hostfile", str(hostfile), "--no_ssh_check",
+                      "--master_addr", "127.0.0.1", "--master_port", str(free_port()), PRETRAIN,
+                      "--config", str(config), "--deepspeed_config", str(REPO / "ds_configs" / "zero3.json")],
+                     tmp_path, env)
+    assert "4 ranks" in result.stdout + result.stderr
+    assert summary(tmp_path / "run")["step"] == 3
+    assert len(summary(tmp_path / "run")["loss_history"]) == 3
