@@ -161,6 +161,7 @@ class TrainConfig:
     offload: bool = False
     save_every: int = 500
     keep_last: int = 3
+    save_consolidated: bool = True  # also write <tag>/model.safetensors (fp32, for evaluation/export)
     log_every: int = 10
     image_log_every: int = 200
     max_bad_steps: int = 5
