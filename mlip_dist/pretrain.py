@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from mlip_dist.config import MLIPConfig, load_config, to_dict
 from mlip_dist.logging_utils import setup_logging
+from mlip_dist.model_io import load_tokenizer
 from mlip_dist.training import checkpoint as ckpt
 from mlip_dist.training.ds_config import build_deepspeed_config, resolve_micro_batch
 from mlip_dist.training.schedule import cosine_with_warmup
@@ -68,15 +69,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def load_tokenizer(config: MLIPConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    path = config.model.text.tokenizer or config.model.text.path
-    if path is None:
-        raise SystemExit("model.text.tokenizer is not set: train one with tools/train_tokenizer.py --shards <dir>")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -88,11 +80,7 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
 
     from mlip_dist.data.loader import build_train_loader, read_dataset_info
     from mlip_dist.training.heatmaps import HeatmapLogger
-    from mlip_dist.training.module import (
-        MLIPTrainingModule,
-        parameter_groups,
-        register_zero3_external_parameters,
-    )
+    from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
     from mlip_dist.training.tensorboard import TrainLogger
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -116,8 +104,6 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
 
     module = MLIPTrainingModule(config.model, config.loss, rank=rank, world_size=world_size)
     module.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
-    if ds_config["zero_optimization"]["stage"] == 3:
-        register_zero3_external_parameters(module)
     train_cfg = config.train
 
     def lr_lambda(step: int) -> float:
@@ -169,6 +155,9 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
                         "steps_per_epoch": steps_per_epoch}
         engine.save_checkpoint(str(ckpt_dir), tag=tag_name, client_state=client_state)
         ckpt.save_rng(ckpt_dir, tag_name, rank)
+        if train_cfg.save_consolidated:
+            ckpt.save_consolidated_weights(engine.module, ckpt_dir / tag_name / ckpt.CONSOLIDATED_WEIGHTS, rank,
+                                           ds_config["zero_optimization"]["stage"])
         dist.barrier()
         if rank == 0:
             ckpt.mark_complete(ckpt_dir, tag_name, {"step": step, "samples_seen": samples_seen, "reason": reason})

@@ -22,6 +22,7 @@ import torch
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE_MARKER = "complete.json"
+CONSOLIDATED_WEIGHTS = "model.safetensors"
 
 
 def tag_for_step(step: int) -> str:
@@ -118,3 +119,28 @@ def load_rng(checkpoint_dir: str | Path, tag: str, rank: int) -> bool:
         return False
     set_rng_state(torch.load(path, weights_only=True))
     return True
+
+
+def save_consolidated_weights(module: torch.nn.Module, path: Path, rank: int, zero_stage: int) -> None:
+    """Write the full fp32 state dict of ``module`` as safetensors (rank 0), whatever the ZeRO stage.
+
+    Evaluation and export read this file instead of DeepSpeed's pickled shards, so they never unpickle.
+    Under ZeRO-3 every rank must call this: parameters are gathered collectively.
+    """
+    from contextlib import nullcontext
+
+    from safetensors.torch import save_file
+
+    params = list(module.parameters())
+    if zero_stage == 3:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        context = nullcontext()
+    with context:
+        if rank == 0:
+            tensors = {name: tensor.detach().float().cpu().contiguous() for name, tensor in module.state_dict().items()}
+            tmp = path.with_suffix(".safetensors.tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, path)

@@ -33,22 +33,6 @@ class MLIPTrainingModule(nn.Module):
         return terms.total, terms
 
 
-def register_zero3_external_parameters(module: MLIPTrainingModule) -> int:
-    """ZeRO-3 gathers a module's own parameters around its forward. The image encoder reads the timm
-    ViT's ``cls_token``/``reg_token``/``pos_embed`` itself (it never calls ``vit.forward``), so they
-    must be registered as external parameters of the encoder or they stay partitioned (size 0)."""
-    import deepspeed
-
-    encoder = module.model.image_encoder
-    count = 0
-    for name in ("cls_token", "reg_token", "pos_embed"):
-        param = getattr(encoder.vit, name, None)
-        if isinstance(param, nn.Parameter):
-            deepspeed.zero.register_external_parameter(encoder, param)
-            count += 1
-    return count
-
-
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms, embeddings' position/cls tokens and the logit scale."""
     decay, no_decay = [], []

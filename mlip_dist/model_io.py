@@ -1,0 +1,83 @@
+"""Load a trained MLIP model from a run folder or a checkpoint folder, without unpickling.
+
+Accepted ``--checkpoint`` forms (any ZeRO stage):
+- a run folder ``runs/x`` (holds ``config.json`` and ``checkpoints/``): its latest complete checkpoint;
+- a checkpoints folder ``runs/x/checkpoints``: its latest complete checkpoint;
+- one tag folder ``runs/x/checkpoints/step_00000100``.
+Weights come from the tag's ``model.safetensors`` (written at save time on every ZeRO stage); the config
+from the run's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlip_dist.config import MLIPConfig, from_dict
+from mlip_dist.training.checkpoint import CONSOLIDATED_WEIGHTS, TAG_PATTERN, find_latest
+
+
+class CheckpointError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class LoadedRun:
+    config: MLIPConfig
+    model: Any  # MLIPModel
+    loss_state: dict[str, torch.Tensor]  # learned-integrity parameters, if any
+    tag_dir: Path
+    run_dir: Path
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run_dir, tag_dir) for any accepted form of ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if TAG_PATTERN.match(path.name):
+        return path.parent.parent, path
+    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tag = find_latest(checkpoints)
+    if tag is None:
+        raise CheckpointError(f"{checkpoints} holds no complete checkpoint (step_NNNNNNNN/complete.json)")
+    return checkpoints.parent, checkpoints / tag
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """Build the model of a run from its config and load its consolidated fp32 weights (safetensors)."""
+    from safetensors.torch import load_file
+
+    from mlip_dist.models.mlip import MLIPModel
+
+    run_dir, tag_dir = resolve_checkpoint(path)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} not found: the run folder must hold the resolved training config")
+    config = from_dict(MLIPConfig, json.loads(config_path.read_text()))
+    weights = tag_dir / CONSOLIDATED_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights} not found: the checkpoint was saved with train.save_consolidated=false; "
+            "resume it for one step with save_consolidated=true to write it"
+        )
+    state = load_file(str(weights), device=str(device))
+    model = MLIPModel(config.model, config.loss)
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    loss_state = {k.removeprefix("loss."): v for k, v in state.items() if k.startswith("loss.")}
+    return LoadedRun(config=config, model=model.to(device).eval(), loss_state=loss_state, tag_dir=tag_dir,
+                     run_dir=run_dir)
+
+
+def load_tokenizer(config: MLIPConfig) -> Any:
+    """The run's fast tokenizer from its local folder (never downloaded)."""
+    from mlip_dist.text.tokenize import load_tokenizer as load_text_tokenizer
+
+    return load_text_tokenizer(config.model.text)
