@@ -1,0 +1,202 @@
+"""Distributed evaluation of a pre-trained MLIP checkpoint (METHOD.md, Evaluation).
+
+    python mlip_dist/evaluate.py --checkpoint runs/x --task all --data shards/synthetic
+    torchrun --nproc_per_node 2 mlip_dist/evaluate.py --checkpoint runs/x --task zero_shot --data shards/rsna
+    deepspeed --num_gpus 8 mlip_dist/evaluate.py ...
+
+Every rank extracts frozen features of its share of the shards; the features are gathered (sorted by
+key) so every metric is computed from the same data whatever the world size; rank 0 writes
+``results.json``, ``results.md``, TensorBoard scalars and PNGs into ``--out`` (default
+``<run>/eval/<data name>``). Reads checkpoints of any ZeRO stage through their ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+
+from mlip_dist.logging_utils import setup_logging
+
+logger = logging.getLogger("mlip_dist.evaluate")
+TASKS = ("zero_shot", "retrieval", "linear_probe", "segmentation", "grounding")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder or one step_N folder")
+    parser.add_argument("--data", required=True, help="shard folder with dataset.json (make_shards or make_eval_shards)")
+    parser.add_argument("--task", default="all", choices=(*TASKS, "all"))
+    parser.add_argument("--out", help="output folder (default <run>/eval/<data folder name>)")
+    parser.add_argument("--split", default="test", help="evaluation split")
+    parser.add_argument("--train-split", default="train", help="split for the few-shot tasks")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seg-epochs", type=int, default=60)
+    parser.add_argument("--prompts", help="prompt sets JSON (default: mlip_dist/resources/prompts.json)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group if there is one; a plain ``python`` run is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world_size, device
+
+
+def classes_for(dataset_info: dict[str, Any], prompts: dict[str, Any]) -> tuple[str, list[str]]:
+    """(kind, class names): kind is the eval benchmark name, or 'reports' for make_shards output."""
+    from mlip_dist.data.mimic import CHEXPERT_LABELS
+
+    benchmark = dataset_info.get("benchmark")
+    if benchmark:
+        return benchmark, list(dataset_info.get("classes", []))
+    return "reports", [c for c in CHEXPERT_LABELS if c in prompts and c != "No Finding"]
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from mlip_dist.evaluation import tasks
+    from mlip_dist.evaluation.benchmarks import load_prompts
+    from mlip_dist.evaluation.extract import extract_features, gather_features
+    from mlip_dist.model_io import load_run, load_tokenizer
+
+    rank, world_size, device = init_distributed()
+    setup_logging(rank)
+    loaded = load_run(args.checkpoint, device)
+    config, model = loaded.config, loaded.model
+    tokenizer = load_tokenizer(config)
+    dataset_info = json.loads((Path(args.data) / "dataset.json").read_text())
+    prompts = load_prompts(args.prompts)
+    kind, classes = classes_for(dataset_info, prompts)
+    wanted = TASKS if args.task == "all" else (args.task,)
+    needs_train = any(t in wanted for t in ("linear_probe", "segmentation")) and args.train_split in dataset_info["splits"]
+    image_cfg = config.model.image
+    common = dict(image_size=image_cfg.image_size, in_chans=image_cfg.in_chans, max_length=config.data.max_length,
+                  max_sentences=config.model.max_sentences, batch_size=args.batch_size, rank=rank,
+                  world_size=world_size, device=device, progress=not args.no_progress)
+    logger.info("evaluating %s on %s (%s, %d classes), tasks %s, %d rank(s)", loaded.tag_dir, args.data, kind,
+                len(classes), ",".join(wanted), world_size)
+    test = gather_features(extract_features(model, tokenizer, args.data, args.split, with_patch_tokens="segmentation" in wanted,
+                                            **common), world_size)
+    train = None
+    if needs_train:
+        train = gather_features(extract_features(model, tokenizer, args.data, args.train_split,
+                                                 with_patch_tokens="segmentation" in wanted, with_patches=False,
+                                                 **common), world_size)
+    loss_cfg = config.loss
+    score_kwargs = dict(logit_scale=float(model.logit_scale().detach()), local_temperature=loss_cfg.local_temperature,
+                        eps=loss_cfg.ot_epsilon, max_iter=loss_cfg.ot_max_iter, tol=loss_cfg.ot_tol)
+    grid = model.image_encoder.grid_size
+    results: dict[str, Any] = {"checkpoint": str(loaded.tag_dir), "data": str(args.data), "kind": kind,
+                               "test_images": len(test)}
+    if "zero_shot" in wanted:
+        prompt_features = tasks.encode_prompts(model, tokenizer, {c: prompts[c] for c in classes if c in prompts},
+                                               config.data.max_length, device)
+        if kind == "chexpert5x200":
+            results["zero_shot"] = tasks.zero_shot_multiclass(test, prompt_features, classes, **score_kwargs)
+        else:
+            results["zero_shot"] = tasks.zero_shot_binary(test, prompt_features, classes, **score_kwargs)
+    if "retrieval" in wanted:
+        results["retrieval"] = tasks.retrieval(test)
+    if "linear_probe" in wanted:
+        results["linear_probe"] = tasks.linear_probe(train, test, classes, seed=args.seed) if train else {
+            "skipped": f"no {args.train_split} split"}
+    label_bits: dict[str, int] = {}
+    for meta in test.meta + (train.meta if train else []):
+        label_bits.update(meta.get("regions") or {})
+    if "segmentation" in wanted:
+        if train is None:
+            results["segmentation"] = {"skipped": f"no {args.train_split} split"}
+        elif kind == "reports":
+            names = sorted(label_bits, key=label_bits.get)
+            results["segmentation"] = tasks.segmentation(train, test, grid=grid, image_size=image_cfg.image_size,
+                                                         channels=[label_bits[n] for n in names], channel_names=names,
+                                                         epochs=args.seg_epochs, seed=args.seed)
+        else:
+            results["segmentation"] = tasks.segmentation(train, test, grid=grid, image_size=image_cfg.image_size,
+                                                         channels=None, channel_names=classes[:1],
+                                                         epochs=args.seg_epochs, seed=args.seed)
+    if "grounding" in wanted:
+        results["grounding"] = tasks.grounding(test, grid=grid, label_bits=label_bits, eps=loss_cfg.ot_epsilon,
+                                               max_iter=loss_cfg.ot_max_iter, tol=loss_cfg.ot_tol, keep_maps=8)
+    if rank == 0:
+        write_outputs(args, loaded, results, test)
+    if dist.is_initialized():
+        dist.barrier()
+    return results
+
+
+def write_outputs(args: argparse.Namespace, loaded: Any, results: dict[str, Any], test: Any) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mlip_dist.evaluation import report
+
+    out = Path(args.out) if args.out else loaded.run_dir / "eval" / Path(args.data).name
+    report.write_results(out, results)
+    step = int(loaded.tag_dir.name.split("_")[-1])
+    writer = SummaryWriter(str(out / "tensorboard"))
+    for name, value in report.flatten(report.public(results)).items():
+        writer.add_scalar(f"eval/{name}", value, step)
+    writer.close()
+    curves = results.get("zero_shot", {}).get("_curves")
+    if curves:
+        report.plot_roc_curves(curves, out / "roc_curves.png")
+    examples = results.get("grounding", {}).get("_examples")
+    if examples:
+        report.heatmap_grid(grounding_pictures(args, loaded, test, examples), out / "grounding_heatmaps.png")
+    print(report.markdown_table(results))
+    logger.info("results in %s", out)
+    return out
+
+
+def grounding_pictures(args: argparse.Namespace, loaded: Any, test: Any, examples: list[Any]) -> list[Any]:
+    """Each example sentence's OT heat map over its X-ray, the ground-truth region outlined in the caption."""
+    import numpy as np
+
+    from mlip_dist.data.loader import AugmentConfig, decode_image, preprocess_image
+    from mlip_dist.evaluation.extract import iterate_split
+    from mlip_dist.viz import overlay, patch_heatmap
+
+    image_cfg = loaded.config.model.image
+    wanted = {test.keys[index] for index, *_ in examples}
+    images = {}
+    for raw in iterate_split(args.data, args.split, 0, 1):
+        if raw.get("__key__") in wanted:
+            augment = AugmentConfig(image_size=image_cfg.image_size, in_chans=1, enabled=False)
+            images[raw["__key__"]] = preprocess_image(decode_image(raw.get("png", raw.get("jpg"))), augment, None)
+    pictures = []
+    for index, slot, heat, region in examples:
+        image = images[test.keys[index]]
+        heat_map = patch_heatmap(torch.from_numpy(np.ascontiguousarray(heat)).flatten(), heat.shape, image.shape[-2:])
+        outlined = image.clone()
+        outlined[0][torch.from_numpy(region) & (heat_map < 0.5)] += 0.5  # ground truth brightened
+        pictures.append(overlay(outlined, heat_map, test.meta[index]["sentences"][slot]))
+    return pictures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    evaluate(args)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Evaluation tasks on gathered frozen features (METHOD.md, Evaluation).
+
+Every function here is deterministic given its inputs and seeds, so a 1-rank and a 2-rank evaluation
+(which gather identical features) give identical metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlip_dist.evaluation.extract import EvalFeatures
+from mlip_dist.evaluation.metrics import (
+    binary_metrics,
+    mean_dice,
+    multiclass_accuracy,
+    multilabel_auc,
+    pointing_game,
+    retrieval_recall,
+    roc_auc,
+)
+from mlip_dist.losses.ot import sinkhorn_log
+from mlip_dist.text.tokenize import tokenize_with_spans
+
+FEW_SHOT_FRACTIONS = (0.01, 0.1, 1.0)
+
+
+@dataclass
+class PromptFeatures:
+    """Projected features of one class's prompts, each prompt encoded as a one-sentence report."""
+
+    positive_report: np.ndarray  # (P, d)
+    negative_report: np.ndarray  # (Q, d)
+    positive_sentence: np.ndarray  # (P, d)
+    negative_sentence: np.ndarray  # (Q, d)
+
+
+@torch.no_grad()
+def encode_prompts(model: Any, tokenizer: Any, prompts: dict[str, Any], max_length: int,
+                   device: torch.device | str = "cpu") -> dict[str, PromptFeatures]:
+    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        tokens = tokenize_with_spans(tokenizer, [[t] for t in texts], max_length, 1)
+        text = model.encode_text(*(t.to(device) for t in tokens))
+        return text.report_features.float().cpu().numpy(), text.sentence_features[:, 0].float().cpu().numpy()
+
+    features = {}
+    for name, prompt_set in prompts.items():
+        pos_report, pos_sentence = encode(list(prompt_set.positive))
+        neg_report, neg_sentence = encode(list(prompt_set.negative))
+        features[name] = PromptFeatures(pos_report, neg_report, pos_sentence, neg_sentence)
+    return features
+
+
+def ot_similarity(patches: np.ndarray, sentences: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray:
+    """sigma = 1 - <T*, C> between each image's patches (N, K, d) and one sentence set (M, d) (METHOD.md Eq. 3)."""
+    patch_t = torch.from_numpy(patches).float()
+    sentence_t = torch.from_numpy(sentences).float()[None].expand(patch_t.shape[0], -1, -1)
+    cost = 1.0 - patch_t @ sentence_t.transpose(1, 2)
+    plan = sinkhorn_log(cost, None, None, eps, max_iter, tol).plan
+    return (1.0 - (plan * cost).sum(dim=(1, 2))).numpy()
+
+
+def _two_way_softmax(positive: np.ndarray, negative: np.ndarray, scale: float) -> np.ndarray:
+    logits = np.stack([positive, negative], axis=1) * scale
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    return probs[:, 0] / probs.sum(axis=1)
+
+
+def zero_shot_scores(features: EvalFeatures, prompt: PromptFeatures, *, logit_scale: float,
+                     local_temperature: float, eps: float, max_iter: int, tol: float) -> dict[str, np.ndarray]:
+    """P(positive) per image: global (mean positive vs mean negative prompt similarity), local (OT
+    similarity of the image's patches to the positive vs the negative prompt sentences) and their mean."""
+    pos = features.image_global @ prompt.positive_report.T
+    neg = features.image_global @ prompt.negative_report.T
+    scores = {"global": _two_way_softmax(pos.mean(1), neg.mean(1), logit_scale)}
+    if features.patch_features is not None:
+        local_pos = ot_similarity(features.patch_features, prompt.positive_sentence, eps, max_iter, tol)
+        local_neg = ot_similarity(features.patch_features, prompt.negative_sentence, eps, max_iter, tol)
+        scores["local"] = _two_way_softmax(local_pos, local_neg, 1.0 / local_temperature)
+        scores["combined"] = (scores["global"] + scores["local"]) / 2
+    return scores
+
+
+def binary_labels(features: EvalFeatures, class_name: str) -> np.ndarray:
+    """1 / 0 per image, NaN where unknown: CheXpert labels (1 positive, 0 or not mentioned negative,
+    -1 uncertain unknown) or an eval benchmark's binary ``label``."""
+    values = []
+    for meta in features.meta:
+        if "labels" in meta and isinstance(meta["labels"], dict) and class_name in meta["labels"]:
+            value = meta["labels"][class_name]
+            values.append(np.nan if value == -1 else 1.0 if value == 1 else 0.0)
+        elif "label" in meta:
+            values.append(float(meta["label"]))
+        else:
+            values.append(np.nan)
+    return np.array(values)
+
+
+def zero_shot_binary(features: EvalFeatures, prompts: dict[str, PromptFeatures], classes: list[str],
+                     **score_kwargs: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {"per_class": {}, "skipped": []}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in classes:
+        labels = binary_labels(features, name)
+        valid = ~np.isnan(labels)
+        if name not in prompts or valid.sum() == 0 or labels[valid].min() == labels[valid].max():
+            results["skipped"].append(name)
+            continue
+        scores = zero_shot_scores(features, prompts[name], **score_kwargs)
+        per_score = {}
+        for kind, values in scores.items():
+            metrics = binary_metrics(values[valid], labels[valid])
+            per_score[kind] = {"auc": roc_auc(values[valid], labels[valid]), "f1": metrics.f1,
+                               "accuracy": metrics.accuracy}
+        results["per_class"][name] = {**per_score, "positives": int(labels[valid].sum()), "n": int(valid.sum())}
+        curves[name] = (scores.get("combined", scores["global"])[valid], labels[valid])
+    for kind in ("global", "local", "combined"):
+        values = [r[kind]["auc"] for r in results["per_class"].values() if kind in r]
+        if values:
+            results[f"mean_auc_{kind}"] = float(np.mean(values))
+            results[f"mean_f1_{kind}"] = float(np.mean([r[kind]["f1"] for r in results["per_class"].values()]))
+            results[f"mean_accuracy_{kind}"] = float(np.mean([r[kind]["accuracy"]
+                                                              for r in results["per_class"].values()]))
+    results["_curves"] = curves
+    return results
+
+
+def zero_shot_multiclass(features: EvalFeatures, prompts: dict[str, PromptFeatures], classes: list[str],
+                         **score_kwargs: Any) -> dict[str, Any]:
+    """CheXpert 5x200-style: predict the class whose positive prompts are most similar."""
+    targets = np.array([int(meta["class"]) for meta in features.meta])
+    global_scores = np.stack([(features.image_global @ prompts[c].positive_report.T).mean(1) for c in classes], 1)
+    results = {"accuracy_global": multiclass_accuracy(global_scores, targets), "n": int(len(targets))}
+    if features.patch_features is not None:
+        kwargs = {k: score_kwargs[k] for k in ("eps", "max_iter", "tol")}
+        local_scores = np.stack([ot_similarity(features.patch_features, prompts[c].positive_sentence, **kwargs)
+                                 for c in classes], 1)
+        results["accuracy_local"] = multiclass_accuracy(local_scores, targets)
+        combined = F.softmax(torch.from_numpy(global_scores * score_kwargs["logit_scale"]), 1) + F.softmax(
+            torch.from_numpy(local_scores / score_kwargs["local_temperature"]), 1)
+        results["accuracy_combined"] = multiclass_accuracy(combined.numpy(), targets)
+    return results
+
+
+def retrieval(features: EvalFeatures) -> dict[str, Any]:
+    """Image-to-report and report-to-image Recall@1/5/10 on the split (pairs matched by index)."""
+    if features.report_global is None:
+        return {"skipped": "no reports in these shards"}
+    similarity = features.image_global @ features.report_global.T
+    recalls = retrieval_recall(similarity, ks=(1, 5, 10))
+    return {direction: {f"R@{k}": v for k, v in values.items()} for direction, values in recalls.items()} | {
+        "n": len(features)}
+
+
+def _seeded_subset(n: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """A fixed random subset of round(n * fraction) indices (at least 2, and both classes when binary)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    count = max(2, int(round(n * fraction)))
+    chosen = order[:count]
+    if labels is not None and labels.ndim == 1 and len(np.unique(labels[chosen])) < 2:
+        for value in np.unique(labels):
+            if value not in labels[chosen]:
+                chosen = np.append(chosen, order[np.nonzero(labels[order] == value)[0][0]])
+    return np.sort(chosen)
+
+
+def train_logistic_regression(x: np.ndarray, y: np.ndarray, weight_decay: float = 1e-4, steps: int = 200,
+                              seed: int = 0) -> torch.nn.Linear:
+    """Multi-label logistic regression (BCE, L2) with L-BFGS on standardised frozen features; NaN targets ignored."""
+    torch.manual_seed(seed)
+    features = torch.from_numpy(x).float()
+    targets = torch.from_numpy(y).float()
+    known = ~torch.isnan(targets)
+    targets = torch.nan_to_num(targets)
+    head = torch.nn.Linear(features.shape[1], targets.shape[1])
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(head(features), targets, reduction="none")
+        loss = (loss * known).sum() / known.sum().clamp_min(1) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return head
+
+
+def linear_probe(train: EvalFeatures, test: EvalFeatures, classes: list[str], seed: int = 0) -> dict[str, Any]:
+    """Few-shot linear probe on frozen image features at 1%, 10%, 100% of the training labels; AUC."""
+    y_train = np.stack([binary_labels(train, c) for c in classes], 1)
+    y_test = np.stack([binary_labels(test, c) for c in classes], 1)
+    usable = [i for i, c in enumerate(classes)
+              if len(np.unique(y_train[~np.isnan(y_train[:, i]), i])) == 2
+              and len(np.unique(y_test[~np.isnan(y_test[:, i]), i])) == 2]
+    if not usable:
+        return {"skipped": "no class has both labels in train and test"}
+    names = [classes[i] for i in usable]
+    y_train, y_test = y_train[:, usable], y_test[:, usable]
+    mean, std = train.image_embedding.mean(0), train.image_embedding.std(0) + 1e-6
+    x_train = (train.image_embedding - mean) / std
+    x_test = (test.image_embedding - mean) / std
+    results: dict[str, Any] = {"classes": names}
+    for fraction in FEW_SHOT_FRACTIONS:
+        subset = _seeded_subset(len(train), fraction, seed, y_train[:, 0] if len(names) == 1 else None)
+        head = train_logistic_regression(x_train[subset], y_train[subset], seed=seed)
+        with torch.no_grad():
+            scores = torch.sigmoid(head(torch.from_numpy(x_test).float())).numpy()
+        aucs = multilabel_auc(scores, np.nan_to_num(y_test, nan=-1.0), names)
+        results[f"{int(fraction * 100)}%"] = {"mean_auc": aucs.mean, "per_class": aucs.per_class,
+                                              "train_images": int(len(subset))}
+    return results
+
+
+def _mask_channels(masks: list[np.ndarray | None], channels: list[int] | None) -> np.ndarray:
+    """(N, C, H, W) float targets: bit channels of 16-bit region masks, or one binary channel."""
+    stacked = np.stack([m if m is not None else np.zeros_like(next(x for x in masks if x is not None))
+                        for m in masks])
+    if channels is None:
+        return (stacked > 0).astype(np.float32)[:, None]
+    return np.stack([((stacked >> bit) & 1).astype(np.float32) for bit in channels], 1)
+
+
+class SegmentationHead(torch.nn.Module):
+    """Light decoder on frozen patch tokens: 3x3 conv, ReLU, 1x1 conv on the patch grid, bilinear upsampling."""
+
+    def __init__(self, width: int, channels: int, grid: tuple[int, int], image_size: int, hidden: int = 64):
+        super().__init__()
+        self.grid, self.image_size = grid, image_size
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(width, hidden, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, k, d = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(b, d, *self.grid)
+        return F.interpolate(self.net(grid), size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=False)
+
+
+def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, int], image_size: int,
+                 channels: list[int] | None, channel_names: list[str], epochs: int = 60, seed: int = 0) -> dict[str, Any]:
+    """Few-shot segmentation with a frozen encoder at 1%, 10%, 100% of the training masks; Dice on the test split.
+
+    Dice is averaged over (test image, channel) pairs whose ground truth is non-empty.
+    """
+    if train.patch_tokens is None or not any(m is not None for m in train.masks):
+        return {"skipped": "no masks in these shards"}
+    x_train = torch.from_numpy(train.patch_tokens.astype(np.float32))
+    x_test = torch.from_numpy(test.patch_tokens.astype(np.float32))
+    y_train = torch.from_numpy(_mask_channels(train.masks, channels))
+    y_test = _mask_channels(test.masks, channels)
+    results: dict[str, Any] = {"channels": channel_names}
+    for fraction in FEW_SHOT_FRACTIONS:
+        subset = torch.from_numpy(_seeded_subset(len(train), fraction, seed))
+        torch.manual_seed(seed)
+        head = SegmentationHead(x_train.shape[-1], y_train.shape[1], grid, image_size)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
+        positives = y_train[subset].mean().clamp(1e-3, 0.5)
+        pos_weight = ((1 - positives) / positives).clamp(max=20.0)
+        for _ in range(epochs):
+            for start in range(0, len(subset), 16):
+                index = subset[start:start + 16]
+                logits = head(x_train[index])
+                target = y_train[index]
+                probs = torch.sigmoid(logits)
+                dice = 1 - (2 * (probs * target).sum((2, 3)) + 1) / (probs.sum((2, 3)) + target.sum((2, 3)) + 1)
+                loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight) + dice.mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            predictions = torch.sigmoid(torch.cat([head(x_test[i:i + 32]) for i in range(0, len(x_test), 32)])).numpy()
+        present = y_test.reshape(*y_test.shape[:2], -1).any(-1)
+        evaluated = [c for c in range(y_test.shape[1]) if present[:, c].any()]
+        per_channel = {channel_names[c]: mean_dice(predictions[present[:, c], c], y_test[present[:, c], c])
+                       for c in evaluated}
+        weights = [int(present[:, c].sum()) for c in evaluated]
+        results[f"{int(fraction * 100)}%"] = {
+            "dice": float(np.average(list(per_channel.values()), weights=weights)) if evaluated else float("nan"),
+            "per_channel": per_channel, "train_images": int(len(subset)),
+        }
+    return results
+
+
+def grounding(features: EvalFeatures, *, grid: tuple[int, int], label_bits: dict[str, int], eps: float,
+              max_iter: int, tol: float, keep_maps: int = 0) -> dict[str, Any]:
+    """Each sentence's OT row over the image's patches as a heat map; pointing game and IoU against the
+    region mask of the findings that sentence describes (synthetic ground truth)."""
+    if features.sentence_features is None or features.patch_features is None:
+        return {"skipped": "no reports or patch features"}
+    hits, ious, examples = [], [], []
+    patches = torch.from_numpy(features.patch_features).float()
+    sentences = torch.from_numpy(features.sentence_features).float()
+    sentence_mask = torch.from_numpy(features.sentence_mask)
+    cost = 1.0 - patches @ sentences.transpose(1, 2)
+    plans = sinkhorn_log(cost, None, sentence_mask, eps, max_iter, tol).plan.numpy()  # (N, K, S)
+    k = plans.shape[1]
+    for index, meta in enumerate(features.meta):
+        mask = features.masks[index]
+        sentence_findings = meta.get("sentence_findings")
+        if mask is None or not sentence_findings:
+            continue
+        for slot, findings in enumerate(sentence_findings[: plans.shape[2]]):
+            bits = [label_bits[f] for f in findings if f in label_bits]
+            if not bits or not sentence_mask[index, slot]:
+                continue
+            region = np.zeros(mask.shape, dtype=bool)
+            for bit in bits:
+                region |= ((mask >> bit) & 1).astype(bool)
+            if not region.any():
+                continue
+            heat = plans[index, :, slot].reshape(grid)
+            hits.append(bool(pointing_game(heat[None], region[None])[0]))
+            # Patches holding more than the uniform share of the sentence's mass form the predicted region.
+            predicted = np.kron(heat > plans[index, :, slot].sum() / k,
+                                np.ones((mask.shape[0] // grid[0], mask.shape[1] // grid[1]))).astype(bool)
+            union = (predicted | region).sum()
+            ious.append(float((predicted & region).sum() / union) if union else 1.0)
+            if len(examples) < keep_maps:
+                examples.append((index, slot, heat, region))
+    if not hits:
+        return {"skipped": "no sentence with a ground-truth region"}
+    return {"pointing_game": float(np.mean(hits)), "iou": float(np.mean(ious)), "sentences": len(hits),
+            "_examples": examples}
