@@ -330,7 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
         try:
             base = to_dict(get_preset(preset))
-        except KeyError as err:
+        except (KeyError, ValueError) as err:
             raise ConfigError(f"preset: {err}") from None
         data["model"] = _merge(base, data.get("model") or {})
     config = from_dict(MLIPConfig, data)

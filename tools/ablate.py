@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Validation study: what each part of MLIP contributes, same data, budget and seeds for every row.
+
+    python tools/ablate.py --shards runs/demo/shards --out runs/ablation [--seeds 0 1 2] [--steps 150]
+        [--rows a b c d e f] [--parallel 2] [--config mlip_dist/configs/demo_small.yaml]
+
+Rows (config overrides on top of --config):
+  a  global contrastive loss only (CLIP-style): no masking, no integrity weights, no OT, no reconstruction
+  b  + patch masking (and masked image prediction, which needs the masked patches)
+  c  + semantic integrity weighting (relative)
+  d  + OT sentence-patch matching = full MLIP
+  e  full MLIP without masked image prediction
+  f  full MLIP with the learned integrity variant
+Every run is a real `pretrain.py` job (1 rank) followed by `evaluate.py --task all` on the test split;
+the table (mean and standard deviation over seeds) goes to <out>/results.md and <out>/results.json.
+Finished runs are reused, so the study resumes after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "a": ("global only (CLIP-style)", ["--model.image.mask_ratio", "0", "--loss.integrity", "none",
+                                       "--loss.lambda_local", "0", "--loss.lambda_reconstruction", "0"]),
+    "b": ("+ patch masking", ["--loss.integrity", "none", "--loss.lambda_local", "0"]),
+    "c": ("+ semantic integrity", ["--loss.integrity", "relative", "--loss.lambda_local", "0"]),
+    "d": ("+ OT matching = full MLIP", ["--loss.integrity", "relative"]),
+    "e": ("full MLIP without reconstruction", ["--loss.integrity", "relative", "--loss.lambda_reconstruction", "0"]),
+    "f": ("full MLIP, learned integrity", ["--loss.integrity", "learned"]),
+}
+
+METRICS: dict[str, tuple[str, ...]] = {
+    "zero-shot AUC (combined)": ("zero_shot", "mean_auc_combined"),
+    "zero-shot AUC (global)": ("zero_shot", "mean_auc_global"),
+    "i2r R@10": ("retrieval", "image_to_report", "R@10"),
+    "r2i R@10": ("retrieval", "report_to_image", "R@10"),
+    "probe AUC 1%": ("linear_probe", "1%", "mean_auc"),
+    "probe AUC 100%": ("linear_probe", "100%", "mean_auc"),
+    "seg Dice 1%": ("segmentation", "1%", "dice"),
+    "seg Dice 100%": ("segmentation", "100%", "dice"),
+    "pointing game": ("grounding", "pointing_game"),
+    "grounding IoU": ("grounding", "iou"),
+}
+
+
+def lookup(results: dict, path: tuple[str, ...]) -> float:
+    node = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return float("nan")
+        node = node[key]
+    return float(node)
+
+
+def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
+    run_dir = args.out / f"{row}_seed{seed}"
+    results_path = run_dir / "eval" / "results.json"
+    if results_path.is_file():
+        return json.loads(results_path.read_text())
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    log = open(args.out / f"{row}_seed{seed}.log", "a")
+    train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
+             str(REPO / "mlip_dist" / "pretrain.py"), "--config", str(args.config), "--deepspeed_config",
+             str(REPO / "ds_configs" / "zero2.json"), "--data.shards", str(args.shards), "--train.output_dir",
+             str(run_dir), "--train.max_steps", str(args.steps), "--train.global_batch_size", str(args.batch),
+             "--train.seed", str(seed), "--data.seed", str(seed), "--train.image_log_every", "0",
+             "--train.save_every", str(args.steps), "--data.num_workers", "1", *ROWS[row][1]]
+    evaluate = [sys.executable, str(REPO / "mlip_dist" / "evaluate.py"), "--checkpoint", str(run_dir), "--data",
+                str(args.shards), "--split", "test", "--out", str(run_dir / "eval"), "--seed", str(seed),
+                "--no-progress"]
+    started = time.time()
+    for cmd in (train, evaluate):
+        log.write("+ " + " ".join(cmd) + "\n")
+        log.flush()
+        subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    print(f"row {row} seed {seed}: {time.time() - started:.0f} s", flush=True)
+    return json.loads(results_path.read_text())
+
+
+def table(results: dict[str, list[dict]]) -> tuple[str, dict]:
+    header = "| row | " + " | ".join(METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    summary: dict[str, dict[str, list[float]]] = {}
+    for row, runs in results.items():
+        cells = []
+        summary[row] = {}
+        for name, path in METRICS.items():
+            values = np.array([lookup(r, path) for r in runs], dtype=float)
+            summary[row][name] = values.tolist()
+            finite = values[np.isfinite(values)]
+            cells.append(f"{finite.mean():.3f} ± {finite.std(ddof=1) if len(finite) > 1 else 0:.3f}"
+                         if len(finite) else "n/a")
+        lines.append(f"| {row}: {ROWS[row][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--config", type=Path, default=REPO / "mlip_dist" / "configs" / "demo_small.yaml")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (one core each)")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    args.shards = args.shards.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(row, seed) for seed in args.seeds for row in args.rows]
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {job: pool.submit(run_one, *job, args, 29600 + index) for index, job in enumerate(jobs)}
+        results = {row: [futures[(row, seed)].result() for seed in args.seeds] for row in args.rows}
+    markdown, summary = table(results)
+    command = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.out / "results.md").write_text(f"Command: `{command}`\n\n{markdown}")
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
