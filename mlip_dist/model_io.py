@@ -11,6 +11,7 @@ from the run's ``config.json``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ import torch
 
 from mlip_dist.config import MLIPConfig, from_dict
 from mlip_dist.training.checkpoint import CONSOLIDATED_WEIGHTS, TAG_PATTERN, find_latest
+
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(FileNotFoundError):
@@ -66,9 +70,17 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
             "resume it for one step with save_consolidated=true to write it"
         )
     state = load_file(str(weights), device=str(device))
+    # The starting weights are replaced by the checkpoint's: do not require them on this machine.
+    config.model.image.checkpoint = None
+    if config.model.text.path is not None and not Path(config.model.text.path).is_dir():
+        logger.warning("text encoder folder %s is gone; building it from the config", config.model.text.path)
+        config.model.text.path = None
     model = MLIPModel(config.model, config.loss)
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(model_state, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: weights do not fit the config in {config_path}: {err}") from None
     if missing or unexpected:
         raise CheckpointError(f"{weights}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     loss_state = {k.removeprefix("loss."): v for k, v in state.items() if k.startswith("loss.")}

@@ -12,23 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mlip_dist.data.mimic import CHEXPERT_LABELS
 
-CHEXPERT = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-)
+CHEXPERT = CHEXPERT_LABELS
 
 REPORT_FULL = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)

@@ -23,6 +23,7 @@ from mlip_dist.evaluation.metrics import (
     retrieval_recall,
     roc_auc,
 )
+from mlip_dist.losses.local_ot import ot_distance_grid
 from mlip_dist.losses.ot import sinkhorn_log
 from mlip_dist.text.tokenize import tokenize_with_spans
 
@@ -56,12 +57,12 @@ def encode_prompts(model: Any, tokenizer: Any, prompts: dict[str, Any], max_leng
 
 
 def ot_similarity(patches: np.ndarray, sentences: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray:
-    """sigma = 1 - <T*, C> between each image's patches (N, K, d) and one sentence set (M, d) (METHOD.md Eq. 3)."""
+    """sigma = 1 - d between each image's patches (N, K, d) and one sentence set (M, d) (METHOD.md, Losses 3)."""
     patch_t = torch.from_numpy(patches).float()
-    sentence_t = torch.from_numpy(sentences).float()[None].expand(patch_t.shape[0], -1, -1)
-    cost = 1.0 - patch_t @ sentence_t.transpose(1, 2)
-    plan = sinkhorn_log(cost, None, None, eps, max_iter, tol).plan
-    return (1.0 - (plan * cost).sum(dim=(1, 2))).numpy()
+    sentence_t = torch.from_numpy(sentences).float()[None]
+    distances, _ = ot_distance_grid(patch_t, sentence_t, torch.ones(patch_t.shape[:2], dtype=torch.bool),
+                                    torch.ones(sentence_t.shape[:2], dtype=torch.bool), eps, max_iter, tol)
+    return (1.0 - distances[:, 0]).numpy()
 
 
 def _two_way_softmax(positive: np.ndarray, negative: np.ndarray, scale: float) -> np.ndarray:
