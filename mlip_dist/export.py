@@ -318,10 +318,7 @@ def export_run(
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)  # before the (possibly long) load
-    try:
-        loaded = load_run(checkpoint)
-    except RuntimeError as err:  # torch's load_state_dict: shape mismatches between weights and config
-        raise ExportError(f"{checkpoint}: the weights do not fit the run's config.json ({err})") from err
+    loaded = load_run(checkpoint)  # CheckpointError names the file and the reason
     try:
         tokenizer = load_tokenizer(loaded.config)
     except (OSError, ValueError) as err:

@@ -224,7 +224,7 @@ def test_overwrite_protection_and_clear_errors(tmp_path, minilm_path, capsys):
     config = json.loads((run_dir / "config.json").read_text())
     config["model"]["embed_dim"] = 16
     (run_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="do not fit"):
+    with pytest.raises(CheckpointError, match="do not fit"):
         export_run(run_dir, out, overwrite=True)
     assert (out / "heads.safetensors").is_file() and not (tmp_path / "export.tmp").exists()
 
