@@ -2,7 +2,7 @@
 """Validation study: what each part of MLIP contributes, same data, budget and seeds for every row.
 
     python tools/ablate.py --shards runs/demo/shards --out runs/ablation [--seeds 0 1 2] [--steps 150]
-        [--rows a b c d e f] [--parallel 2] [--config mlip_dist/configs/demo_small.yaml]
+        [--rows a b c d e f] [--parallel 2] [--config mlip_dist/configs/study_fast.yaml]
 
 Rows (config overrides on top of --config):
   a  global contrastive loss only (CLIP-style): no masking, no integrity weights, no OT, no reconstruction
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--config", type=Path, default=REPO / "mlip_dist" / "configs" / "demo_small.yaml")
+    parser.add_argument("--config", type=Path, default=REPO / "mlip_dist" / "configs" / "study_fast.yaml")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
