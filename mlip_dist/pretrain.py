@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import enum
 import json
 import logging
+import math
+import multiprocessing
 import os
 import resource
 import signal
@@ -67,6 +70,47 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+class StepOutcome(str, enum.Enum):
+    APPLIED = "applied"
+    NONFINITE_LOSS = "non-finite loss"
+    NONFINITE_GRAD = "non-finite gradient"
+
+
+def optimizer_step(engine: Any, loss: torch.Tensor, device: torch.device) -> StepOutcome:
+    """Backward and optimizer step, or a skipped step when the loss or a gradient is NaN/inf anywhere.
+
+    Collective; every rank returns the same outcome. Guarantees:
+    - A non-finite loss on any rank (all-reduced flag) skips backward and step on every rank.
+    - A non-finite gradient leaves parameters, optimizer moments and the LR schedule untouched. ZeRO-1/2/3:
+      DeepSpeed's ZeRO optimizer computes the global gradient norm in ``step`` (already reduced over
+      ranks, so no extra collective) and, for fp32 and for bf16 with ``bf16.check_grad_overflow`` (on by
+      default), discards the update when it is NaN/inf and counts it in ``engine.skipped_steps``.
+      ZeRO-0 has no such check: the all-reduced ``param.grad`` are inspected before ``step``.
+    Raises ``FloatingPointError`` if DeepSpeed reports a non-finite norm yet applied the update.
+    """
+    if any_rank(not bool(torch.isfinite(loss.detach()).item()), device):
+        return StepOutcome.NONFINITE_LOSS
+    engine.backward(loss)
+    if engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if any_rank(bad, device):
+            engine.zero_grad()
+            return StepOutcome.NONFINITE_GRAD
+        engine.step()
+        return StepOutcome.APPLIED
+    skipped_before = engine.skipped_steps
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    skipped = engine.skipped_steps > skipped_before
+    if norm is not None and not math.isfinite(float(norm)) and not skipped:
+        raise FloatingPointError(
+            f"DeepSpeed applied an update with a non-finite gradient norm ({norm}); the weights are no longer "
+            "usable: resume from the last complete checkpoint"
+        )
+    return StepOutcome.NONFINITE_GRAD if skipped else StepOutcome.APPLIED
 
 
 def memory_gib(device: torch.device) -> float:
@@ -153,20 +197,16 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
         tag_name = ckpt.tag_for_step(step)
         client_state = {"step": step, "samples_seen": samples_seen, "data_position": step,
                         "steps_per_epoch": steps_per_epoch}
-        engine.save_checkpoint(str(ckpt_dir), tag=tag_name, client_state=client_state)
-        ckpt.save_rng(ckpt_dir, tag_name, rank)
-        if train_cfg.save_consolidated:
-            ckpt.save_consolidated_weights(engine.module, ckpt_dir / tag_name / ckpt.CONSOLIDATED_WEIGHTS, rank,
-                                           ds_config["zero_optimization"]["stage"])
-        dist.barrier()
-        if rank == 0:
-            ckpt.mark_complete(ckpt_dir, tag_name, {"step": step, "samples_seen": samples_seen, "reason": reason})
-            ckpt.prune(ckpt_dir, train_cfg.keep_last)
-        dist.barrier()
+        ckpt.save_training_checkpoint(
+            engine, ckpt_dir, step, client_state, {"step": step, "samples_seen": samples_seen, "reason": reason},
+            rank=rank, keep_last=train_cfg.keep_last,
+            consolidated_zero_stage=ds_config["zero_optimization"]["stage"] if train_cfg.save_consolidated else None,
+        )
         logger.info("saved checkpoint %s (%s)", ckpt_dir / tag_name, reason)
 
     stop = StopRequest()
     bad_steps = 0
+    skipped_steps = 0
     skipped_samples = 0
     history: list[float] = []
     iterator = iter(loader)
@@ -184,17 +224,18 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_forward = time.perf_counter()
-        finite = bool(torch.isfinite(loss.detach()).item())
-        if not any_rank(not finite, device):
-            engine.backward(loss)
-            engine.step()
+        outcome = optimizer_step(engine, loss, device)
+        if outcome is StepOutcome.APPLIED:
             bad_steps = 0
         else:
             bad_steps += 1
-            logger.error("non-finite loss at step %d (%d in a row): step skipped", step, bad_steps)
+            skipped_steps += 1
+            logger.error("%s at step %d (%d in a row): step skipped", outcome.value, step + 1, bad_steps)
             if bad_steps >= train_cfg.max_bad_steps:
                 raise FloatingPointError(
-                    f"{bad_steps} non-finite losses in a row (train.max_bad_steps={train_cfg.max_bad_steps}); stopping"
+                    f"{bad_steps} steps in a row with a non-finite loss or gradient (last: {outcome.value} at step "
+                    f"{step + 1}; train.max_bad_steps={train_cfg.max_bad_steps}); stopping. Lower train.lr, check "
+                    f"the data, and resume from the last complete checkpoint in {ckpt_dir}"
                 )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -233,7 +274,8 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
             break
     if tb is not None:
         tb.close()
-    return {"step": step, "samples_seen": samples_seen, "loss_history": history, "skipped_samples": skipped_samples}
+    return {"step": step, "samples_seen": samples_seen, "loss_history": history, "skipped_samples": skipped_samples,
+            "skipped_steps": skipped_steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not Path(args.deepspeed_config).is_file():
         raise SystemExit(f"--deepspeed_config {args.deepspeed_config} does not exist")
-    result = train(config, args.deepspeed_config, args.resume, args.local_rank)
+    try:
+        result = train(config, args.deepspeed_config, args.resume, args.local_rank)
+    except BaseException:
+        # Loader workers ignore SIGTERM (preemption is the trainer's to handle), and the traceback keeps
+        # the loader alive, so the interpreter's exit handler (terminate, then join every child) would
+        # wait forever. Kill them so a failed rank exits at once instead of hanging the job.
+        for child in multiprocessing.active_children():
+            child.kill()
+        raise
     if dist.get_rank() == 0:
         summary = Path(config.train.output_dir) / "train_summary.json"
         ckpt.atomic_write_text(summary, json.dumps(result, indent=2))

@@ -36,6 +36,13 @@ class SkipReason(str, enum.Enum):
     DUPLICATE_KEY = "duplicate_key"
     MISSING_VIEW = "missing_view"
     BAD_REGIONS = "bad_regions"
+    IMAGE_TOO_LARGE = "image_too_large"
+    UNSAFE_PATH = "unsafe_path"  # a CSV path/id that could escape the data root or the shard layout
+
+
+# Larger than any real radiograph (MIMIC-CXR's largest are ~4300 x 3500 = 15 MP): a header asking for
+# more is rejected before decoding, so a corrupt or hostile file cannot make the packer allocate GBs.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 class ImageReadError(Exception):
@@ -91,10 +98,34 @@ def _to_unit_range(values: np.ndarray) -> np.ndarray:
     return values
 
 
+def _check_declared_size(ds, path: str | Path) -> None:
+    """Reject, from the header alone, images with no rows/columns or more than MAX_IMAGE_PIXELS.
+
+    ``pixel_array`` decodes every frame at once, so frames and samples count towards the limit.
+    """
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as err:
+        raise ImageReadError(path, SkipReason.CORRUPT_DICOM, f"invalid Rows/Columns/NumberOfFrames ({err})") from err
+    if rows <= 0 or columns <= 0:
+        raise ImageReadError(path, SkipReason.CORRUPT_DICOM, f"header declares a {rows}x{columns} image")
+    total = rows * columns * max(frames, 1) * max(samples, 1)
+    if total > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            path,
+            SkipReason.IMAGE_TOO_LARGE,
+            f"header declares {frames} frame(s) of {rows}x{columns}x{samples} = {total} values, more than "
+            f"MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}); not decoded",
+        )
+
+
 def decode_dataset_pixels(ds, path: str | Path) -> np.ndarray:
     """Raw stored pixel values of the first frame, or ImageReadError naming why not."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(path, SkipReason.NO_PIXEL_DATA, "dataset has no (7FE0,0010) Pixel Data element")
+    _check_declared_size(ds, path)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         frames = ds.pixel_array

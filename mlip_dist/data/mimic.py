@@ -23,7 +23,7 @@ import enum
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from mlip_dist.data.dicom import SkipReason
@@ -174,6 +174,39 @@ def _label_value(value: Any) -> int | None:
     return int(number)
 
 
+_SAFE_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # dicom_id becomes a tar member prefix: no '/', '.', '..'
+
+
+def unsafe_relative_path(path: str) -> str | None:
+    """Why ``path`` (read from a CSV) could leave the folder it is relative to, or None if it cannot.
+
+    Rejected: empty, absolute (POSIX or Windows drive/UNC), any ``..`` component, backslashes, NUL.
+    Symbolic links inside the data root are the data owner's choice and are followed.
+    """
+    if not path:
+        return "empty path"
+    if "\x00" in path:
+        return "path contains a NUL byte"
+    if "\\" in path:
+        return f"path {path!r} contains a backslash"
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive:
+        return f"path {path!r} is absolute; CSV paths must be relative to the data root"
+    if ".." in PurePosixPath(path).parts:
+        return f"path {path!r} has a '..' component and could escape the data root"
+    return None
+
+
+def _unsafe_record(record: ImageRecord) -> tuple[str, str] | None:
+    """(offending value, why) when a record's id or paths are unsafe, else None."""
+    if not _SAFE_ID_RE.match(record.dicom_id or ""):
+        return record.dicom_id or "", f"dicom_id {record.dicom_id!r} is not [A-Za-z0-9_-]+ (it names tar members)"
+    for field_name, value in (("image", record.image_path), ("report", record.report_path)):
+        why = unsafe_relative_path(value or "")
+        if why is not None:
+            return value or "", f"{field_name} {why}"
+    return None
+
+
 def load_metadata(
     root: Path,
     reports_root: Path | None = None,
@@ -236,6 +269,12 @@ def load_metadata(
             image_path=image_path,
             report_path=report_paths.get(study, report_rel_path(subject, study)),
         )
+        unsafe = _unsafe_record(record)
+        if unsafe is not None:
+            source = study_csv if unsafe[1].startswith("report") and study_csv is not None else source_csv
+            issues.append(Issue(unsafe[0], SkipReason.UNSAFE_PATH, f"{unsafe[1]} (from {source.name}); not read",
+                                record.key if _SAFE_ID_RE.match(record.dicom_id) else None))
+            return
         if record.dicom_id in seen:
             issues.append(
                 Issue(
@@ -271,6 +310,16 @@ def load_metadata(
         kept = []
         for record in records:
             split = splits.get(record.dicom_id)
+            if split and not _SAFE_SPLIT_RE.match(split):
+                issues.append(
+                    Issue(
+                        record.image_path,
+                        SkipReason.UNSAFE_PATH,
+                        f"split {split!r} in {split_csv.name} is not usable in a shard file name",
+                        record.key,
+                    )
+                )
+                continue
             if not split:
                 issues.append(
                     Issue(

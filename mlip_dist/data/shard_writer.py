@@ -336,14 +336,15 @@ def build_plan(options: PackOptions) -> Plan:
     records = metadata.records
     if options.splits:
         records = [r for r in records if r.split in options.splits]
-    issues.extend(
-        fill_missing_views(
-            records,
-            root,
-            map_fn=lambda fn, items: iter(_parallel_map(options, fn, list(items), "DICOM views")),
-        )
+    header_issues = fill_missing_views(
+        records,
+        root,
+        map_fn=lambda fn, items: iter(_parallel_map(options, fn, list(items), "DICOM views")),
     )
-    failed_headers = {i.key for i in issues if i.reason is not SkipReason.DUPLICATE_KEY}
+    issues.extend(header_issues)
+    # Only records whose header could not be read are dropped here; CSV-level issues (duplicates,
+    # unsafe paths) never entered ``records``, and their key may be shared with a good record.
+    failed_headers = {i.key for i in header_issues}
     records = [r for r in records if r.key not in failed_headers]
     selected, filtered = select_images(
         records, tuple(v.upper() for v in options.views), options.images_per_study

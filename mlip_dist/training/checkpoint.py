@@ -4,10 +4,18 @@ DeepSpeed writes each checkpoint into ``<dir>/<tag>/`` and then the ``latest`` f
 a ``complete`` marker written atomically after every rank finished, the per-rank RNG states, and
 pruning of all but the last ``keep_last`` complete checkpoints. ``find_latest`` only ever returns a
 tag with a ``complete`` marker, so a crash in the middle of a save leaves the previous one in use.
+DeepSpeed's own ``latest`` file is written by :func:`mark_complete` (never by DeepSpeed), so it too only
+ever names a complete checkpoint. A failed write (disk full, I/O error) raises
+:class:`CheckpointSaveError` naming the folder and the previous complete checkpoint, which is untouched.
+
+Trust: DeepSpeed's ``*_states.pt`` files are pickles that ``load_checkpoint`` unpickles; they are read
+only to resume the job that wrote them. RNG states are loaded with ``weights_only=True`` and the
+consolidated weights, which evaluation and export read, are safetensors.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -22,6 +30,7 @@ import torch
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE_MARKER = "complete.json"
+LATEST_FILE = "latest"  # the name DeepSpeed's load_checkpoint(tag=None) and zero_to_fp32.py read
 CONSOLIDATED_WEIGHTS = "model.safetensors"
 
 
@@ -57,13 +66,82 @@ def complete_tags(checkpoint_dir: str | Path) -> list[tuple[int, str]]:
     return sorted(tags)
 
 
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder`` (0 if it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 def find_latest(checkpoint_dir: str | Path) -> str | None:
     tags = complete_tags(checkpoint_dir)
     return tags[-1][1] if tags else None
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the folder, the cause and what is still usable."""
+
+
 def mark_complete(checkpoint_dir: str | Path, tag: str, info: dict[str, Any]) -> None:
+    """Declare ``tag`` complete (rank 0, after every rank finished writing): marker, then ``latest``."""
     atomic_write_text(Path(checkpoint_dir) / tag / COMPLETE_MARKER, json.dumps(info, indent=2))
+    atomic_write_text(Path(checkpoint_dir) / LATEST_FILE, tag)
+
+
+def clear_complete(checkpoint_dir: str | Path, tag: str) -> None:
+    """Remove a stale marker before ``tag`` is written again (e.g. a run resumed from an older tag)."""
+    (Path(checkpoint_dir) / tag / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def save_training_checkpoint(
+    engine: Any,
+    checkpoint_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    info: dict[str, Any],
+    *,
+    rank: int,
+    keep_last: int,
+    consolidated_zero_stage: int | None = None,
+) -> str:
+    """Save a DeepSpeed checkpoint at ``step`` on every rank, then mark it complete and prune (rank 0).
+
+    Collective: every rank must call it. Guarantees: the ``complete`` marker and ``latest`` are written
+    only after all ranks' files (DeepSpeed states, RNG, consolidated safetensors when
+    ``consolidated_zero_stage`` is given) are on disk; on an ``OSError`` (e.g. ENOSPC) or a torch
+    writer failure, raises :class:`CheckpointSaveError` and leaves the previous complete checkpoint and
+    ``latest`` as they were. Returns the tag.
+    """
+    import torch.distributed as dist
+
+    root = Path(checkpoint_dir)
+    tag = tag_for_step(step)
+    previous = find_latest(root)
+    if rank == 0:
+        clear_complete(root, tag)
+    dist.barrier()  # nobody writes into ``tag`` while a stale marker could still make it look complete
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        save_rng(root, tag, rank)
+        if consolidated_zero_stage is not None:
+            save_consolidated_weights(engine.module, root / tag / CONSOLIDATED_WEIGHTS, rank, consolidated_zero_stage)
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a full disk as an opaque RuntimeError ("unexpected pos 128 vs 0"), so
+        # compare free space with the size of the last checkpoint to say what happened.
+        free = shutil.disk_usage(root).free
+        needed = folder_bytes(root / previous) if previous else 0
+        full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < max(needed, 2**20)
+        space = f"{free / 2**20:.1f} MiB free there, the last checkpoint takes {needed / 2**20:.1f} MiB"
+        hint = f"the disk is full ({space}); free space" if full else f"fix the cause ({space})"
+        kept = f"the previous complete checkpoint {root / previous} is intact" if previous else "no earlier checkpoint"
+        raise CheckpointSaveError(
+            f"rank {rank}: could not write checkpoint {root / tag} ({type(err).__name__}: {err}); {kept}; "
+            f"{hint} and restart with --resume auto"
+        ) from err
+    dist.barrier()
+    if rank == 0:
+        mark_complete(root, tag, info)
+        prune(root, keep_last)
+    dist.barrier()
+    return tag
 
 
 def prune(checkpoint_dir: str | Path, keep_last: int) -> list[str]:
