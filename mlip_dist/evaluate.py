@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seg-epochs", type=int, default=60)
+    parser.add_argument("--seg-finetune", action="store_true",
+                        help="fine-tune a copy of the image encoder with the segmentation head (default: frozen)")
     parser.add_argument("--prompts", help="prompt sets JSON (default: mlip_dist/resources/prompts.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser.add_argument("--no-progress", action="store_true")
@@ -92,12 +94,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                   world_size=world_size, device=device, progress=not args.no_progress)
     logger.info("evaluating %s on %s (%s, %d classes), tasks %s, %d rank(s)", loaded.tag_dir, args.data, kind,
                 len(classes), ",".join(wanted), world_size)
-    test = gather_features(extract_features(model, tokenizer, args.data, args.split, with_patch_tokens="segmentation" in wanted,
-                                            **common), world_size)
+    segment = "segmentation" in wanted
+    finetune = segment and args.seg_finetune
+    test = gather_features(extract_features(model, tokenizer, args.data, args.split, with_patch_tokens=segment,
+                                            with_images=finetune, **common), world_size)
     train = None
     if needs_train:
         train = gather_features(extract_features(model, tokenizer, args.data, args.train_split,
-                                                 with_patch_tokens="segmentation" in wanted, with_patches=False,
+                                                 with_patch_tokens=segment, with_patches=False, with_images=finetune,
                                                  **common), world_size)
     loss_cfg = config.loss
     score_kwargs = dict(logit_scale=float(model.logit_scale().detach()), local_temperature=loss_cfg.local_temperature,
@@ -105,9 +109,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     grid = model.image_encoder.grid_size
     results: dict[str, Any] = {"checkpoint": str(loaded.tag_dir), "data": str(args.data), "kind": kind,
                                "test_images": len(test)}
-    if "zero_shot" in wanted:
+    prompt_features = {}
+    if "zero_shot" in wanted or ("grounding" in wanted and kind != "reports"):
         prompt_features = tasks.encode_prompts(model, tokenizer, {c: prompts[c] for c in classes if c in prompts},
                                                config.data.max_length, device)
+    if "zero_shot" in wanted:
         if kind == "chexpert5x200":
             results["zero_shot"] = tasks.zero_shot_multiclass(test, prompt_features, classes, **score_kwargs)
         else:
@@ -123,18 +129,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if "segmentation" in wanted:
         if train is None:
             results["segmentation"] = {"skipped": f"no {args.train_split} split"}
-        elif kind == "reports":
-            names = sorted(label_bits, key=label_bits.get)
-            results["segmentation"] = tasks.segmentation(train, test, grid=grid, image_size=image_cfg.image_size,
-                                                         channels=[label_bits[n] for n in names], channel_names=names,
-                                                         epochs=args.seg_epochs, seed=args.seed)
         else:
-            results["segmentation"] = tasks.segmentation(train, test, grid=grid, image_size=image_cfg.image_size,
-                                                         channels=None, channel_names=classes[:1],
-                                                         epochs=args.seg_epochs, seed=args.seed)
+            names = sorted(label_bits, key=label_bits.get) if kind == "reports" else classes[:1]
+            channels = [label_bits[n] for n in names] if kind == "reports" else None
+            results["segmentation"] = tasks.segmentation(
+                train, test, grid=grid, image_size=image_cfg.image_size, channels=channels, channel_names=names,
+                epochs=args.seg_epochs, seed=args.seed, encoder=model.image_encoder if finetune else None)
     if "grounding" in wanted:
-        results["grounding"] = tasks.grounding(test, grid=grid, label_bits=label_bits, eps=loss_cfg.ot_epsilon,
-                                               max_iter=loss_cfg.ot_max_iter, tol=loss_cfg.ot_tol, keep_maps=8)
+        solver = dict(eps=loss_cfg.ot_epsilon, max_iter=loss_cfg.ot_max_iter, tol=loss_cfg.ot_tol, keep_maps=8)
+        if kind == "reports":
+            results["grounding"] = tasks.grounding(test, grid=grid, label_bits=label_bits, **solver)
+        elif classes and classes[0] in prompt_features and any(m is not None for m in test.masks):
+            results["grounding"] = tasks.prompt_grounding(test, prompt_features[classes[0]], class_name=classes[0],
+                                                          grid=grid, **solver)
+        else:
+            results["grounding"] = {"skipped": "no region masks in these shards"}
     if rank == 0:
         write_outputs(args, loaded, results, test)
     if dist.is_initialized():
@@ -181,12 +190,12 @@ def grounding_pictures(args: argparse.Namespace, loaded: Any, test: Any, example
             augment = AugmentConfig(image_size=image_cfg.image_size, in_chans=1, enabled=False)
             images[raw["__key__"]] = preprocess_image(decode_image(raw.get("png", raw.get("jpg"))), augment, None)
     pictures = []
-    for index, slot, heat, region in examples:
+    for index, caption, heat, region in examples:
         image = images[test.keys[index]]
         heat_map = patch_heatmap(torch.from_numpy(np.ascontiguousarray(heat)).flatten(), heat.shape, image.shape[-2:])
         outlined = image.clone()
         outlined[0][torch.from_numpy(region) & (heat_map < 0.5)] += 0.5  # ground truth brightened
-        pictures.append(overlay(outlined, heat_map, test.meta[index]["sentences"][slot]))
+        pictures.append(overlay(outlined, heat_map, caption))
     return pictures
 
 

@@ -112,9 +112,9 @@ def test_zero_shot_and_retrieval_match_a_plain_recomputation(run_dir, synthetic_
     assert per_class["global"]["auc"] == pytest.approx(roc_auc(prob[valid], labels[valid]), abs=1e-6)
 
 
-@pytest.mark.parametrize("benchmark", ["siim", "chexpert5x200"])
+@pytest.mark.parametrize("benchmark", ["siim", "rsna", "chexpert5x200"])
 def test_benchmark_layout_shards(benchmark, run_dir, synthetic_root, tmp_path):
-    source = {"siim": "siim", "chexpert5x200": "chexpert"}[benchmark]
+    source = {"siim": "siim", "rsna": "rsna", "chexpert5x200": "chexpert"}[benchmark]
     shards = tmp_path / benchmark
     run_tool("tools/make_eval_shards.py", "--benchmark", benchmark, "--root", str(synthetic_root / source), "--out",
              str(shards), "--size", "96", "--per-class", "4")
@@ -127,7 +127,30 @@ def test_benchmark_layout_shards(benchmark, run_dir, synthetic_root, tmp_path):
         assert "skipped" in results["retrieval"]
     else:
         assert 0.0 <= results["segmentation"]["100%"]["dice"] <= 1.0
-        assert results["segmentation"]["channels"] == ["Pneumothorax"]
+        assert results["segmentation"]["channels"] == [{"siim": "Pneumothorax", "rsna": "Pneumonia"}[benchmark]]
+        # Boxes (RSNA) and masks (SIIM) ground the positive prompts.
+        assert 0.0 <= results["grounding"]["pointing_game"] <= 1.0 and results["grounding"]["images"] > 0
+        assert results["segmentation"]["encoder"] == "frozen"
+    if benchmark == "siim":
+        tuned = evaluate_in_process("--checkpoint", str(run_dir), "--data", str(shards), "--split", split,
+                                    "--task", "segmentation", "--seg-finetune", "--seg-epochs", "1",
+                                    "--out", str(tmp_path / "tuned"), "--no-progress")
+        assert tuned["segmentation"]["encoder"] == "fine-tuned"
+        assert 0.0 <= tuned["segmentation"]["1%"]["dice"] <= 1.0
+
+
+def test_pointing_and_overlap_on_a_hand_made_case():
+    from mlip_dist.evaluation.tasks import _point_and_overlap
+
+    heat = np.zeros((4, 4))
+    heat[1, 2] = 5.0  # peak in patch (1, 2); mean heat is 5/16, so one patch is "above uniform"
+    region = np.zeros((8, 8), dtype=bool)
+    region[2:4, 4:8] = True  # patches (1, 2) and (1, 3) at 2x2 pixels per patch
+    hit, iou = _point_and_overlap(heat, region)
+    assert hit and iou == pytest.approx(4 / 8)
+    region[:] = False
+    region[6:, :2] = True
+    assert _point_and_overlap(heat, region) == (False, 0.0)
 
 
 @pytest.mark.slow

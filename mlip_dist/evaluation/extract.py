@@ -35,6 +35,7 @@ class EvalFeatures:
     sentence_features: np.ndarray | None = None  # (N, S, d)
     sentence_mask: np.ndarray | None = None  # (N, S) bool
     masks: list[np.ndarray | None] = field(default_factory=list)  # region masks at the model's image size
+    images: np.ndarray | None = None  # (N, 1, H, W) uint8 model-size images (segmentation fine-tuning)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -79,6 +80,7 @@ def extract_features(
     world_size: int = 1,
     with_patches: bool = True,
     with_patch_tokens: bool = False,
+    with_images: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -88,7 +90,7 @@ def extract_features(
     augment = AugmentConfig(image_size=image_size, in_chans=in_chans, enabled=False)
     out: dict[str, list[Any]] = {k: [] for k in ("keys", "meta", "image_global", "image_embedding", "patch_features",
                                                  "patch_tokens", "report_global", "sentence_features",
-                                                 "sentence_mask", "masks")}
+                                                 "sentence_mask", "masks", "images")}
     batch: list[tuple[str, torch.Tensor, dict[str, Any], np.ndarray | None]] = []
 
     def flush() -> None:
@@ -107,6 +109,11 @@ def extract_features(
             out["report_global"].append(text.report_features.float().cpu().numpy())
             out["sentence_features"].append(text.sentence_features.float().cpu().numpy())
             out["sentence_mask"].append(text.sentence_mask.cpu().numpy())
+        if with_images:  # stored as uint8 in [0, 1] before normalisation, to keep memory small
+            from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
+
+            pixels = (images[:, :1].cpu() * IMAGE_STD + IMAGE_MEAN).clamp(0, 1)
+            out["images"].append((pixels * 255).round().to(torch.uint8).numpy())
         for key, _, meta, mask in batch:
             out["keys"].append(key)
             out["meta"].append(meta)
@@ -161,4 +168,5 @@ def gather_features(local: dict[str, Any], world_size: int) -> EvalFeatures:
         image_embedding=join("image_embedding"), patch_features=join("patch_features"),
         patch_tokens=join("patch_tokens"), report_global=join("report_global"),
         sentence_features=join("sentence_features"), sentence_mask=join("sentence_mask"), masks=join_list("masks"),
+        images=join("images"),
     )

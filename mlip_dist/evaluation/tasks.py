@@ -244,30 +244,57 @@ class SegmentationHead(torch.nn.Module):
                              align_corners=False)
 
 
-def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, int], image_size: int,
-                 channels: list[int] | None, channel_names: list[str], epochs: int = 60, seed: int = 0) -> dict[str, Any]:
-    """Few-shot segmentation with a frozen encoder at 1%, 10%, 100% of the training masks; Dice on the test split.
+def _images_to_tensor(images: np.ndarray, in_chans: int) -> torch.Tensor:
+    """Stored uint8 (N, 1, H, W) evaluation images -> the model's normalised input."""
+    from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
 
+    x = torch.from_numpy(images).float() / 255.0
+    return ((x - IMAGE_MEAN) / IMAGE_STD).expand(-1, in_chans, -1, -1)
+
+
+def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, int], image_size: int,
+                 channels: list[int] | None, channel_names: list[str], epochs: int = 60, seed: int = 0,
+                 encoder: torch.nn.Module | None = None, encoder_lr: float = 1e-4) -> dict[str, Any]:
+    """Few-shot segmentation at 1%, 10%, 100% of the training masks; Dice on the test split.
+
+    ``encoder=None``: frozen encoder (precomputed patch tokens) + light head. With an image encoder, a copy
+    of it is fine-tuned with the head for each fraction (needs ``EvalFeatures.images``).
     Dice is averaged over (test image, channel) pairs whose ground truth is non-empty.
     """
-    if train.patch_tokens is None or not any(m is not None for m in train.masks):
+    import copy
+
+    if not any(m is not None for m in train.masks):
         return {"skipped": "no masks in these shards"}
-    x_train = torch.from_numpy(train.patch_tokens.astype(np.float32))
-    x_test = torch.from_numpy(test.patch_tokens.astype(np.float32))
+    if encoder is None and train.patch_tokens is None:
+        return {"skipped": "no patch tokens extracted"}
+    if encoder is not None and (train.images is None or test.images is None):
+        return {"skipped": "fine-tuning needs the images (extract with with_images=True)"}
     y_train = torch.from_numpy(_mask_channels(train.masks, channels))
     y_test = _mask_channels(test.masks, channels)
-    results: dict[str, Any] = {"channels": channel_names}
+    results: dict[str, Any] = {"channels": channel_names, "encoder": "frozen" if encoder is None else "fine-tuned"}
     for fraction in FEW_SHOT_FRACTIONS:
         subset = torch.from_numpy(_seeded_subset(len(train), fraction, seed))
         torch.manual_seed(seed)
-        head = SegmentationHead(x_train.shape[-1], y_train.shape[1], grid, image_size)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
+        tuned = copy.deepcopy(encoder).train() if encoder is not None else None
+
+        def tokens(features: EvalFeatures, index: torch.Tensor) -> torch.Tensor:
+            if tuned is None:
+                return torch.from_numpy(features.patch_tokens[index.numpy()].astype(np.float32))
+            images = _images_to_tensor(features.images[index.numpy()], tuned.config.in_chans)
+            return tuned(images, mask_ratio=0.0).patch_tokens
+
+        width = tuned.embed_dim if tuned is not None else train.patch_tokens.shape[-1]
+        head = SegmentationHead(width, y_train.shape[1], grid, image_size)
+        groups = [{"params": head.parameters(), "lr": 3e-3}]
+        if tuned is not None:
+            groups.append({"params": tuned.parameters(), "lr": encoder_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
         positives = y_train[subset].mean().clamp(1e-3, 0.5)
         pos_weight = ((1 - positives) / positives).clamp(max=20.0)
         for _ in range(epochs):
             for start in range(0, len(subset), 16):
                 index = subset[start:start + 16]
-                logits = head(x_train[index])
+                logits = head(tokens(train, index))
                 target = y_train[index]
                 probs = torch.sigmoid(logits)
                 dice = 1 - (2 * (probs * target).sum((2, 3)) + 1) / (probs.sum((2, 3)) + target.sum((2, 3)) + 1)
@@ -275,8 +302,11 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+        if tuned is not None:
+            tuned.eval()
         with torch.no_grad():
-            predictions = torch.sigmoid(torch.cat([head(x_test[i:i + 32]) for i in range(0, len(x_test), 32)])).numpy()
+            predictions = torch.sigmoid(torch.cat([head(tokens(test, torch.arange(i, min(i + 32, len(test)))))
+                                                   for i in range(0, len(test), 32)])).numpy()
         present = y_test.reshape(*y_test.shape[:2], -1).any(-1)
         evaluated = [c for c in range(y_test.shape[1]) if present[:, c].any()]
         per_channel = {channel_names[c]: mean_dice(predictions[present[:, c], c], y_test[present[:, c], c])
@@ -289,19 +319,36 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
     return results
 
 
+def _point_and_overlap(heat: np.ndarray, region: np.ndarray) -> tuple[bool, float]:
+    """Pointing game hit and IoU of one patch-grid heat map against a pixel region mask.
+
+    The predicted region is the set of patches holding more than the uniform share of the heat."""
+    hit = bool(pointing_game(heat[None], region[None])[0])
+    cell = (region.shape[0] // heat.shape[0], region.shape[1] // heat.shape[1])
+    predicted = np.kron(heat > heat.sum() / heat.size, np.ones(cell)).astype(bool)
+    union = (predicted | region).sum()
+    return hit, float((predicted & region).sum() / union) if union else 1.0
+
+
+def _grounding_summary(scores: list[tuple[bool, float]], examples: list[Any], unit: str) -> dict[str, Any]:
+    if not scores:
+        return {"skipped": f"no {unit} with a ground-truth region"}
+    return {"pointing_game": float(np.mean([hit for hit, _ in scores])),
+            "iou": float(np.mean([iou for _, iou in scores])), unit: len(scores), "_examples": examples}
+
+
 def grounding(features: EvalFeatures, *, grid: tuple[int, int], label_bits: dict[str, int], eps: float,
               max_iter: int, tol: float, keep_maps: int = 0) -> dict[str, Any]:
-    """Each sentence's OT row over the image's patches as a heat map; pointing game and IoU against the
-    region mask of the findings that sentence describes (synthetic ground truth)."""
+    """Each sentence's OT row over the image's patches as a heat map (METHOD.md, Evaluation: Grounding);
+    pointing game and IoU against the region mask of the findings that sentence describes (synthetic data)."""
     if features.sentence_features is None or features.patch_features is None:
         return {"skipped": "no reports or patch features"}
-    hits, ious, examples = [], [], []
     patches = torch.from_numpy(features.patch_features).float()
     sentences = torch.from_numpy(features.sentence_features).float()
     sentence_mask = torch.from_numpy(features.sentence_mask)
     cost = 1.0 - patches @ sentences.transpose(1, 2)
     plans = sinkhorn_log(cost, None, sentence_mask, eps, max_iter, tol).plan.numpy()  # (N, K, S)
-    k = plans.shape[1]
+    scores, examples = [], []
     for index, meta in enumerate(features.meta):
         mask = features.masks[index]
         sentence_findings = meta.get("sentence_findings")
@@ -317,15 +364,30 @@ def grounding(features: EvalFeatures, *, grid: tuple[int, int], label_bits: dict
             if not region.any():
                 continue
             heat = plans[index, :, slot].reshape(grid)
-            hits.append(bool(pointing_game(heat[None], region[None])[0]))
-            # Patches holding more than the uniform share of the sentence's mass form the predicted region.
-            predicted = np.kron(heat > plans[index, :, slot].sum() / k,
-                                np.ones((mask.shape[0] // grid[0], mask.shape[1] // grid[1]))).astype(bool)
-            union = (predicted | region).sum()
-            ious.append(float((predicted & region).sum() / union) if union else 1.0)
+            scores.append(_point_and_overlap(heat, region))
             if len(examples) < keep_maps:
-                examples.append((index, slot, heat, region))
-    if not hits:
-        return {"skipped": "no sentence with a ground-truth region"}
-    return {"pointing_game": float(np.mean(hits)), "iou": float(np.mean(ious)), "sentences": len(hits),
-            "_examples": examples}
+                examples.append((index, meta["sentences"][slot], heat, region))
+    return _grounding_summary(scores, examples, "sentences")
+
+
+def prompt_grounding(features: EvalFeatures, prompt: PromptFeatures, *, class_name: str, grid: tuple[int, int],
+                     eps: float, max_iter: int, tol: float, keep_maps: int = 0) -> dict[str, Any]:
+    """Benchmarks without reports (RSNA boxes, SIIM masks): the OT plan between each image's patches and the
+    class's positive + negative prompt sentences; a patch's heat is the mass it sends to the positive prompts.
+    Pointing game and IoU on the images whose region mask is non-empty."""
+    if features.patch_features is None:
+        return {"skipped": "no patch features"}
+    prompts = np.concatenate([prompt.positive_sentence, prompt.negative_sentence])
+    patches = torch.from_numpy(features.patch_features).float()
+    cost = 1.0 - patches @ torch.from_numpy(prompts).float().T[None]
+    plans = sinkhorn_log(cost, None, None, eps, max_iter, tol).plan.numpy()
+    heats = plans[:, :, : len(prompt.positive_sentence)].sum(-1)  # (N, K)
+    scores, examples = [], []
+    for index, mask in enumerate(features.masks):
+        if mask is None or not (mask > 0).any():
+            continue
+        heat = heats[index].reshape(grid)
+        scores.append(_point_and_overlap(heat, mask > 0))
+        if len(examples) < keep_maps:
+            examples.append((index, f"{class_name} (positive prompts)", heat, mask > 0))
+    return _grounding_summary(scores, examples, "images")
