@@ -81,7 +81,7 @@ def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
              "--train.save_every", str(args.steps), "--data.num_workers", "1", *ROWS[row][1]]
     evaluate = [sys.executable, str(REPO / "mlip_dist" / "evaluate.py"), "--checkpoint", str(run_dir), "--data",
                 str(args.shards), "--split", "test", "--out", str(run_dir / "eval"), "--seed", str(seed),
-                "--no-progress"]
+                "--seg-epochs", "30", "--no-progress"]
     started = time.time()
     for cmd in (train, evaluate):
         log.write("+ " + " ".join(cmd) + "\n")
