@@ -21,7 +21,6 @@ import torch
 from mlip_dist.config import MLIPConfig, from_dict
 from mlip_dist.training.checkpoint import CONSOLIDATED_WEIGHTS, TAG_PATTERN, find_latest
 
-
 logger = logging.getLogger(__name__)
 
 

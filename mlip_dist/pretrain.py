@@ -248,7 +248,7 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
             stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
             dist.all_reduce(stacked)
             stacked /= world_size
-            averaged = dict(zip(values.keys(), stacked.tolist()))
+            averaged = dict(zip(values.keys(), stacked.tolist(), strict=True))
             history.append(averaged["loss/total"])
             if tb is not None:
                 timing = {"time/data_wait_s": t_data - t_start, "time/forward_s": t_forward - t_data,

@@ -6,15 +6,15 @@ authorized_keys and its own pid file, and is stopped afterwards; root's ssh sett
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mlip_dist.launching import launch_environment
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK_HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -27,21 +27,8 @@ def free_port() -> int:
 
 
 def launcher_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for launched ranks: CPU accelerator, the venv on PATH, a shared extension cache."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "DS_ACCELERATOR": "cpu",
-            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-            "PYTHONPATH": str(REPO),
-            "TORCH_EXTENSIONS_DIR": env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    )
-    env.update(extra or {})
-    return env
+    """Environment for launched ranks (see ``mlip_dist.launching``)."""
+    return launch_environment(extra)
 
 
 def missing_tools(*tools: str) -> list[str]:

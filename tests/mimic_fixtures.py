@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from mlip_dist.data.mimic import CHEXPERT_LABELS
 
 CHEXPERT = CHEXPERT_LABELS

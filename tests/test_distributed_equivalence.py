@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from launch_utils import free_port
+
 from mlip_dist.config import IntegrityMode, LossConfig
 from mlip_dist.data.batch import MLIPBatch
 from mlip_dist.models.image_encoder import random_patch_mask

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import run_tool
 from launch_utils import REPO, free_port, launcher_env
+from safetensors.torch import save_file
+
 from mlip_dist.config import MLIPConfig, to_dict
 from mlip_dist.evaluation.benchmarks import load_prompts
 from mlip_dist.evaluation.metrics import recall_at_k, roc_auc
@@ -68,7 +68,13 @@ def test_all_tasks_on_synthetic_report_shards(run_dir, synthetic_shards, tmp_pat
 
 def test_zero_shot_and_retrieval_match_a_plain_recomputation(run_dir, synthetic_shards, tmp_path, minilm_path):
     """Recompute global zero-shot AUC and Recall@K from the model with plain code, image by image."""
-    from mlip_dist.data.loader import AugmentConfig, decode_image, iterate_tar_samples, preprocess_image, read_dataset_info
+    from mlip_dist.data.loader import (
+        AugmentConfig,
+        decode_image,
+        iterate_tar_samples,
+        preprocess_image,
+        read_dataset_info,
+    )
     from mlip_dist.model_io import load_run, load_tokenizer
     from mlip_dist.text.tokenize import tokenize_with_spans
 

@@ -103,7 +103,7 @@ def test_resume_reproduces_the_uninterrupted_stream(tmp_path, tokenizer):
     root = write_shards(tmp_path / "s", num_shards=2, per_shard=8)
     straight = take(make_stream(root, tokenizer), 7)
     resumed = take(make_stream(root, tokenizer, start_batch=3), 4)
-    for a, b in zip(straight[3:], resumed):
+    for a, b in zip(straight[3:], resumed, strict=True):
         assert a.keys == b.keys
         assert torch.equal(a.images, b.images)  # augmentation replays too
         assert torch.equal(a.input_ids, b.input_ids)

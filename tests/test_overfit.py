@@ -7,7 +7,13 @@ import json
 import torch
 
 from mlip_dist.config import LossConfig
-from mlip_dist.data.loader import AugmentConfig, Collator, decode_sample, iterate_tar_samples, read_dataset_info
+from mlip_dist.data.loader import (
+    AugmentConfig,
+    Collator,
+    decode_sample,
+    iterate_tar_samples,
+    read_dataset_info,
+)
 from mlip_dist.models.presets import tiny
 from mlip_dist.text.tokenize import load_tokenizer
 from mlip_dist.training.module import MLIPTrainingModule

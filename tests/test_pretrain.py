@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from launch_utils import (
     LOOPBACK_HOSTS,
     REPO,
@@ -23,6 +22,7 @@ from launch_utils import (
     missing_tools,
     write_deepspeed_env,
 )
+
 from mlip_dist.config import ConfigError
 
 PRETRAIN = str(REPO / "mlip_dist" / "pretrain.py")

@@ -53,7 +53,7 @@ def test_cosine_schedule_shape():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)
     assert lrs[110] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlip_dist.launching import launch_environment  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,9 +71,7 @@ def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
     results_path = run_dir / "eval" / "results.json"
     if results_path.is_file():
         return json.loads(results_path.read_text())
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env = launch_environment()
     log = open(args.out / f"{row}_seed{seed}.log", "a")
     train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
              str(REPO / "mlip_dist" / "pretrain.py"), "--config", str(args.config), "--deepspeed_config",

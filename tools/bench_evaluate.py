@@ -20,11 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mlip_dist.launching import launch_environment  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run(ranks: int, args: argparse.Namespace, out: Path, port: int) -> tuple[float, int]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = launch_environment()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
            str(REPO / "mlip_dist" / "evaluate.py"), "--checkpoint", str(args.checkpoint), "--data", str(args.data),
            "--split", args.split, "--task", args.task, "--out", str(out), "--no-progress"]

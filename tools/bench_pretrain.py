@@ -41,23 +41,15 @@ if __package__ in (None, ""):
 
 import torch
 
+from mlip_dist.launching import launch_environment
+
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "mlip_dist" / "pretrain.py"
 TIME_TAGS = ("time/data_wait_s", "time/forward_s", "time/backward_step_s", "time/step_s", "throughput/samples_per_s")
 
 
 def launch_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "DS_ACCELERATOR": "cpu",
-        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-        "TORCH_EXTENSIONS_DIR": env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
-    return env
+    return launch_environment()
 
 
 def free_port() -> int:

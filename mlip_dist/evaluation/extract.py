@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlip_dist.data.loader import AugmentConfig, decode_image, iterate_tar_samples, preprocess_image, read_dataset_info
+from mlip_dist.data.loader import (
+    AugmentConfig,
+    decode_image,
+    iterate_tar_samples,
+    preprocess_image,
+    read_dataset_info,
+)
 from mlip_dist.text.tokenize import tokenize_with_spans
 
 

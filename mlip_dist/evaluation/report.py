@@ -76,7 +76,7 @@ def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     for index, (name, (scores, labels)) in enumerate(sorted(curves.items())):
         curve = roc_curve(scores, labels)
         color = PALETTE[index % len(PALETTE)]
-        draw.line([point(f, t) for f, t in zip(curve.fpr, curve.tpr)], fill=color, width=2)
+        draw.line([point(f, t) for f, t in zip(curve.fpr, curve.tpr, strict=True)], fill=color, width=2)
         draw.text((size + 4, margin + 14 * index), name[:24], fill=color)
     tmp = path.with_suffix(".tmp.png")
     canvas.save(tmp)

@@ -277,7 +277,7 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
         torch.manual_seed(seed)
         tuned = copy.deepcopy(encoder).train() if encoder is not None else None
 
-        def tokens(features: EvalFeatures, index: torch.Tensor) -> torch.Tensor:
+        def tokens(features: EvalFeatures, index: torch.Tensor, tuned: torch.nn.Module | None = tuned) -> torch.Tensor:
             if tuned is None:
                 return torch.from_numpy(features.patch_tokens[index.numpy()].astype(np.float32))
             images = _images_to_tensor(features.images[index.numpy()], tuned.config.in_chans)

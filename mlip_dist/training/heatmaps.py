@@ -12,7 +12,13 @@ from typing import Any
 import torch
 
 from mlip_dist.config import MLIPConfig
-from mlip_dist.data.loader import AugmentConfig, Collator, iterate_tar_samples, decode_sample, read_dataset_info
+from mlip_dist.data.loader import (
+    AugmentConfig,
+    Collator,
+    decode_sample,
+    iterate_tar_samples,
+    read_dataset_info,
+)
 from mlip_dist.losses.ot import sinkhorn_log
 from mlip_dist.viz import overlay, patch_heatmap
 
