@@ -23,8 +23,7 @@ from mlip_dist.evaluation.metrics import (
     retrieval_recall,
     roc_auc,
 )
-from mlip_dist.losses.local_ot import ot_distance_grid
-from mlip_dist.losses.ot import sinkhorn_log
+from mlip_dist.losses.local_ot import ot_distance_grid, paired_plans
 from mlip_dist.text.tokenize import tokenize_with_spans
 
 FEW_SHOT_FRACTIONS = (0.01, 0.1, 1.0)
@@ -346,8 +345,7 @@ def grounding(features: EvalFeatures, *, grid: tuple[int, int], label_bits: dict
     patches = torch.from_numpy(features.patch_features).float()
     sentences = torch.from_numpy(features.sentence_features).float()
     sentence_mask = torch.from_numpy(features.sentence_mask)
-    cost = 1.0 - patches @ sentences.transpose(1, 2)
-    plans = sinkhorn_log(cost, None, sentence_mask, eps, max_iter, tol).plan.numpy()  # (N, K, S)
+    plans = paired_plans(patches, sentences, None, sentence_mask, eps, max_iter, tol).numpy()  # (N, K, S)
     scores, examples = [], []
     for index, meta in enumerate(features.meta):
         mask = features.masks[index]
@@ -379,8 +377,8 @@ def prompt_grounding(features: EvalFeatures, prompt: PromptFeatures, *, class_na
         return {"skipped": "no patch features"}
     prompts = np.concatenate([prompt.positive_sentence, prompt.negative_sentence])
     patches = torch.from_numpy(features.patch_features).float()
-    cost = 1.0 - patches @ torch.from_numpy(prompts).float().T[None]
-    plans = sinkhorn_log(cost, None, None, eps, max_iter, tol).plan.numpy()
+    prompt_t = torch.from_numpy(prompts).float()[None].expand(patches.shape[0], -1, -1)
+    plans = paired_plans(patches, prompt_t, None, None, eps, max_iter, tol).numpy()
     heats = plans[:, :, : len(prompt.positive_sentence)].sum(-1)  # (N, K)
     scores, examples = [], []
     for index, mask in enumerate(features.masks):

@@ -91,6 +91,23 @@ def _cost(patches: torch.Tensor, sentences: torch.Tensor, equation: str) -> torc
         return 1.0 - torch.einsum(equation, patches.to(dtype), sentences.to(dtype))
 
 
+def paired_plans(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    patch_mask: torch.Tensor | None,
+    sentence_mask: torch.Tensor | None,
+    eps: float = 0.05,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """T*_ii (B, K, M) between each image's patches (B, K, d) and its own sentences (B, M, d), no gradient.
+
+    The plan whose rows are the grounding heat maps (METHOD.md, Losses 3 and Evaluation: Grounding).
+    """
+    cost = _cost(patches, sentences, "bkd,bmd->bkm")
+    return sinkhorn_log(cost.detach(), patch_mask, sentence_mask, eps, max_iter, tol).plan
+
+
 def ot_distance_grid(
     patches: torch.Tensor,
     sentences: torch.Tensor,

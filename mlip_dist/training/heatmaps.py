@@ -19,7 +19,7 @@ from mlip_dist.data.loader import (
     iterate_tar_samples,
     read_dataset_info,
 )
-from mlip_dist.losses.ot import sinkhorn_log
+from mlip_dist.losses.local_ot import paired_plans
 from mlip_dist.viz import overlay, patch_heatmap
 
 
@@ -27,11 +27,7 @@ def sentence_patch_plans(model: Any, batch: Any, eps: float, max_iter: int, tol:
     """OT plans (B, K, S) between all patches of each unmasked image and its own report's sentences."""
     image = model.encode_image(batch.images, mask_ratio=0.0)
     text = model.encode_text(batch.input_ids, batch.attention_mask, batch.sentence_spans, batch.sentence_mask)
-    patches = image.patch_features.float()
-    sentences = text.sentence_features.float()
-    cost = 1.0 - patches @ sentences.transpose(1, 2)
-    row_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
-    return sinkhorn_log(cost, row_mask, text.sentence_mask, eps, max_iter, tol).plan
+    return paired_plans(image.patch_features, text.sentence_features, None, text.sentence_mask, eps, max_iter, tol)
 
 
 class HeatmapLogger:
