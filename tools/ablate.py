@@ -13,7 +13,8 @@ Rows (config overrides on top of --config):
   f  full MLIP with the learned integrity variant
 Every run is a real `pretrain.py` job (1 rank) followed by `evaluate.py --task all` on the test split;
 the table (mean and standard deviation over seeds) goes to <out>/results.md and <out>/results.json.
-Finished runs are reused, so the study resumes after an interruption.
+Finished runs are reused, so the study resumes after an interruption; `--report` tabulates the runs that have
+finished without training anything (the seeds column says which seeds each row has).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def lookup(results: dict, path: tuple[str, ...]) -> float:
 def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
     run_dir = args.out / f"{row}_seed{seed}"
     results_path = run_dir / "eval" / "results.json"
-    if results_path.is_file():
-        return json.loads(results_path.read_text())
+    if (done := finished(row, seed, args.out)) is not None:
+        return done
     env = launch_environment()
     log = open(args.out / f"{row}_seed{seed}.log", "a")
     train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
@@ -91,20 +92,34 @@ def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
     return json.loads(results_path.read_text())
 
 
-def table(results: dict[str, list[dict]]) -> tuple[str, dict]:
-    header = "| row | " + " | ".join(METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
-    summary: dict[str, dict[str, list[float]]] = {}
+def finished(row: str, seed: int, out: Path) -> dict | None:
+    """The evaluation results of a finished run, or None when it has not finished."""
+    path = out / f"{row}_seed{seed}" / "eval" / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table(results: dict[str, dict[int, dict]]) -> tuple[str, dict]:
+    """Markdown table (mean ± sample standard deviation over the seeds each row has) and the raw values.
+
+    ``results`` maps row -> {seed: evaluate.py results}; rows may have different numbers of seeds (a study
+    that is still running), so the number is a column of its own.
+    """
+    header = "| row | seeds | " + " | ".join(METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    summary: dict[str, dict] = {}
     for row, runs in results.items():
+        if not runs:
+            continue
         cells = []
-        summary[row] = {}
+        summary[row] = {"seeds": sorted(runs)}
         for name, path in METRICS.items():
-            values = np.array([lookup(r, path) for r in runs], dtype=float)
+            values = np.array([lookup(runs[seed], path) for seed in sorted(runs)], dtype=float)
             summary[row][name] = values.tolist()
             finite = values[np.isfinite(values)]
             cells.append(f"{finite.mean():.3f} ± {finite.std(ddof=1) if len(finite) > 1 else 0:.3f}"
                          if len(finite) else "n/a")
-        lines.append(f"| {row}: {ROWS[row][0]} | " + " | ".join(cells) + " |")
+        seeds = ",".join(str(seed) for seed in sorted(runs))
+        lines.append(f"| {row}: {ROWS[row][0]} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", summary
 
 
@@ -118,14 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one core each)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: tabulate the runs under --out that have finished")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.shards = args.shards.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(row, seed) for seed in args.seeds for row in args.rows]
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {job: pool.submit(run_one, *job, args, 29600 + index) for index, job in enumerate(jobs)}
-        results = {row: [futures[(row, seed)].result() for seed in args.seeds] for row in args.rows}
+    if args.report:
+        results = {row: {seed: r for seed in args.seeds if (r := finished(row, seed, args.out)) is not None}
+                   for row in args.rows}
+    else:
+        jobs = [(row, seed) for seed in args.seeds for row in args.rows]
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            futures = {job: pool.submit(run_one, *job, args, 29600 + index) for index, job in enumerate(jobs)}
+            results = {row: {seed: futures[(row, seed)].result() for seed in args.seeds} for row in args.rows}
     markdown, summary = table(results)
     command = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "results.md").write_text(f"Command: `{command}`\n\n{markdown}")

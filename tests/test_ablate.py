@@ -1,0 +1,61 @@
+"""tools/ablate.py: the study table (means and spreads over seeds, partial studies, missing metrics)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ablate():
+    spec = importlib.util.spec_from_file_location("ablate", REPO / "tools" / "ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_results(auc: float, dice: float | None) -> dict:
+    results = {"zero_shot": {"mean_auc_combined": auc}, "retrieval": {"image_to_report": {"R@10": auc / 2}}}
+    if dice is not None:
+        results["segmentation"] = {"1%": {"dice": dice}}
+    return results
+
+
+def test_table_means_spreads_and_seed_column(ablate):
+    results = {"a": {0: fake_results(0.70, 0.10), 1: fake_results(0.74, 0.20), 2: fake_results(0.75, None)},
+               "d": {1: fake_results(0.80, 0.30)},
+               "b": {}}
+    markdown, summary = ablate.table(results)
+    rows = {line.split(":")[0].strip("| "): line for line in markdown.splitlines()[2:]}
+    assert set(rows) == {"a", "d"}  # a row with no finished run is left out, not printed as zeros
+    assert summary["a"]["seeds"] == [0, 1, 2] and summary["d"]["seeds"] == [1]
+    cells = [cell.strip() for cell in rows["a"].split("|")[1:-1]]
+    names = ["row", "seeds", *ablate.METRICS]
+    by_name = dict(zip(names, cells))
+    auc = np.array([0.70, 0.74, 0.75])
+    assert by_name["seeds"] == "0,1,2"
+    assert by_name["zero-shot AUC (combined)"] == f"{auc.mean():.3f} ± {auc.std(ddof=1):.3f}"
+    assert by_name["i2r R@10"] == f"{(auc / 2).mean():.3f} ± {(auc / 2).std(ddof=1):.3f}"
+    # a metric one seed lacks is averaged over the seeds that have it
+    assert by_name["seg Dice 1%"] == f"{0.15:.3f} ± {np.std([0.1, 0.2], ddof=1):.3f}"
+    assert by_name["pointing game"] == "n/a"
+    assert dict(zip(names, [c.strip() for c in rows["d"].split("|")[1:-1]]))["zero-shot AUC (combined)"] == "0.800 ± 0.000"
+
+
+def test_report_mode_tabulates_finished_runs_only(ablate, tmp_path, capsys):
+    for row, seed, auc in (("a", 0, 0.6), ("a", 2, 0.8), ("d", 0, 0.9)):
+        eval_dir = tmp_path / f"{row}_seed{seed}" / "eval"
+        eval_dir.mkdir(parents=True)
+        (eval_dir / "results.json").write_text(json.dumps(fake_results(auc, 0.1)))
+    (tmp_path / "d_seed1").mkdir()  # a run that started but did not finish
+    assert ablate.main(["--shards", str(tmp_path), "--out", str(tmp_path), "--report", "--rows", "a", "d"]) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["a"]["seeds"] == [0, 2] and summary["a"]["zero-shot AUC (combined)"] == [0.6, 0.8]
+    assert summary["d"]["seeds"] == [0]
+    assert "| a: global only (CLIP-style) | 0,2 | 0.700 ± 0.141 |" in (tmp_path / "results.md").read_text()
