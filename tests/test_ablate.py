@@ -37,7 +37,7 @@ def test_table_means_spreads_and_seed_column(ablate):
     assert summary["a"]["seeds"] == [0, 1, 2] and summary["d"]["seeds"] == [1]
     cells = [cell.strip() for cell in rows["a"].split("|")[1:-1]]
     names = ["row", "seeds", *ablate.METRICS]
-    by_name = dict(zip(names, cells))
+    by_name = dict(zip(names, cells, strict=True))
     auc = np.array([0.70, 0.74, 0.75])
     assert by_name["seeds"] == "0,1,2"
     assert by_name["zero-shot AUC (combined)"] == f"{auc.mean():.3f} ± {auc.std(ddof=1):.3f}"
@@ -45,7 +45,7 @@ def test_table_means_spreads_and_seed_column(ablate):
     # a metric one seed lacks is averaged over the seeds that have it
     assert by_name["seg Dice 1%"] == f"{0.15:.3f} ± {np.std([0.1, 0.2], ddof=1):.3f}"
     assert by_name["pointing game"] == "n/a"
-    assert dict(zip(names, [c.strip() for c in rows["d"].split("|")[1:-1]]))["zero-shot AUC (combined)"] == "0.800 ± 0.000"
+    assert dict(zip(names, [c.strip() for c in rows["d"].split("|")[1:-1]], strict=True))["zero-shot AUC (combined)"] == "0.800 ± 0.000"
 
 
 def test_report_mode_tabulates_finished_runs_only(ablate, tmp_path, capsys):

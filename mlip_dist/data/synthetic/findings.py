@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlip_dist.data.mimic import CHEXPERT_LABELS
 from mlip_dist.data.synthetic.phantom import (
     FIELD_HEIGHT_CM,
     Anatomy,
@@ -31,30 +32,18 @@ from mlip_dist.data.synthetic.phantom import (
 )
 
 
-class Label(str, enum.Enum):
-    """The 14 CheXpert labels in the MIMIC-CXR CSV column order; ``bit`` is the mask bit."""
-
-    ATELECTASIS = "Atelectasis"
-    CARDIOMEGALY = "Cardiomegaly"
-    CONSOLIDATION = "Consolidation"
-    EDEMA = "Edema"
-    ENLARGED_CARDIOMEDIASTINUM = "Enlarged Cardiomediastinum"
-    FRACTURE = "Fracture"
-    LUNG_LESION = "Lung Lesion"
-    LUNG_OPACITY = "Lung Opacity"
-    NO_FINDING = "No Finding"
-    PLEURAL_EFFUSION = "Pleural Effusion"
-    PLEURAL_OTHER = "Pleural Other"
-    PNEUMONIA = "Pneumonia"
-    PNEUMOTHORAX = "Pneumothorax"
-    SUPPORT_DEVICES = "Support Devices"
+class _ChexpertLabel(str, enum.Enum):
+    """Base of :data:`Label`: a CheXpert label name whose ``bit`` is its index in the regions mask."""
 
     @property
     def bit(self) -> int:
-        return list(Label).index(self)
+        return CHEXPERT_LABELS.index(self.value)
 
 
-CHEXPERT_LABELS: tuple[str, ...] = tuple(label.value for label in Label)
+# The 14 CheXpert labels in the MIMIC-CXR CSV column order, built from the one list the real-data
+# reader uses (data.mimic.CHEXPERT_LABELS): Label.ATELECTASIS = "Atelectasis", ...,
+# Label.SUPPORT_DEVICES = "Support Devices".
+Label = _ChexpertLabel("Label", [(name.upper().replace(" ", "_"), name) for name in CHEXPERT_LABELS])
 # The labels the generator can draw (No Finding, Fracture and Pleural Other are never drawn).
 DRAWABLE: tuple[Label, ...] = (
     Label.ATELECTASIS,
