@@ -71,6 +71,7 @@ def small() -> ModelConfig:
             intermediate_size=1536,
             vocab_size=30522,
             max_length=128,
+            pool=GlobalPool.MEAN,  # all-MiniLM-L6-v2 was trained as a mean-pooled sentence encoder
             freeze_layers=3,
         ),
         decoder=DecoderConfig(width=128, depth=2, num_heads=4),
