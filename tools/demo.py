@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n# Results\n")
     for name, table in tables.items():
         print(f"## {name}\n\n{table}")
+    reports = json.loads((out / "eval" / "synthetic" / "results.json").read_text()).get("retrieval", {}).get("n")
+    if reports:
+        print(f"chance level on the synthetic test split: AUC 0.5, Recall@10 = 10 / {int(reports)} = {10 / reports:.3f}")
     summary = json.loads((run_dir / "train_summary.json").read_text())
     print(f"pre-training: {summary['step']} steps, loss {summary['loss_history'][0]:.3f} -> "
           f"{summary['loss_history'][-1]:.3f}")
