@@ -103,6 +103,23 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, synthetic_shar
 
 
 @pytest.mark.slow
+def test_learned_integrity_trains_under_deepspeed(tmp_path, synthetic_shards, minilm_path):
+    """The learned-integrity parameters (METHOD.md, Losses 2) live in the loss module inside the engine:
+    DeepSpeed must broadcast them, AdamW must move them, and the consolidated weights must hold them."""
+    from safetensors.torch import load_file
+
+    config = write_config(tmp_path, synthetic_shards, minilm_path, max_steps=4, save_every=4, image_log_every=0)
+    run(torchrun(1, "--config", str(config), "--deepspeed_config", "ds_configs/zero2.json",
+                 "--loss.integrity", "learned"), REPO)
+    assert len(summary(tmp_path / "run")["loss_history"]) == 4
+    weights = load_file(tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors")
+    learned = {name: tensor for name, tensor in weights.items() if "learned_integrity" in name}
+    assert {name.rsplit(".", 1)[-1] for name in learned} == {"weight", "bias"}, sorted(learned)
+    weight = next(tensor for name, tensor in learned.items() if name.endswith("weight"))
+    assert float(weight.abs().max()) > 0  # initialised to zeros; 4 AdamW steps at lr 1e-3 move it
+
+
+@pytest.mark.slow
 def test_zero3_with_the_deepspeed_launcher_learns(tmp_path, synthetic_shards, minilm_path):
     config = write_config(tmp_path, synthetic_shards, minilm_path, max_steps=30, save_every=30, zero_stage=3,
                           lr=2e-3, warmup_steps=3, image_log_every=0)

@@ -76,8 +76,9 @@ class LearnedIntegrity(nn.Module):
             raise ValueError(f"LearnedIntegrity: num_patches must be >= 1, got {num_patches}")
         self.num_patches = num_patches
         self.weight = nn.Parameter(torch.zeros(num_patches))
-        # softplus(b) = 1 at init, so training starts from the unweighted loss.
-        self.bias = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))
+        # softplus(b) = 1 at init, so training starts from the unweighted loss. Shape (1,), not 0-d:
+        # DeepSpeed broadcasts and partitions parameters through byte views, which 0-d tensors lack.
+        self.bias = nn.Parameter(torch.full((1,), math.log(math.e - 1.0)))
 
     def forward(
         self,
