@@ -59,3 +59,20 @@ def test_report_mode_tabulates_finished_runs_only(ablate, tmp_path, capsys):
     assert summary["a"]["seeds"] == [0, 2] and summary["a"]["zero-shot AUC (combined)"] == [0.6, 0.8]
     assert summary["d"]["seeds"] == [0]
     assert "| a: global only (CLIP-style) | 0,2 | 0.700 ± 0.141 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_failed_run_is_reported_and_the_others_are_tabulated(ablate, tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    def fake_run_one(row, seed, args, port):
+        if (row, seed) == ("d", 1):
+            raise subprocess.CalledProcessError(1, ["pretrain.py"])
+        return fake_results(0.5 + seed / 10, 0.1)
+
+    monkeypatch.setattr(ablate, "run_one", fake_run_one)
+    code = ablate.main(["--shards", str(tmp_path), "--out", str(tmp_path), "--rows", "a", "d", "--seeds", "0", "1",
+                        "--parallel", "2"])
+    assert code == 1
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["a"]["seeds"] == [0, 1] and summary["d"]["seeds"] == [0]
+    assert "FAILED: row d seed 1" in capsys.readouterr().err

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     args.shards = args.shards.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
     if args.report:
         results = {row: {seed: r for seed in args.seeds if (r := finished(row, seed, args.out)) is not None}
                    for row in args.rows}
@@ -146,13 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(row, seed) for seed in args.seeds for row in args.rows]
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             futures = {job: pool.submit(run_one, *job, args, 29600 + index) for index, job in enumerate(jobs)}
-            results = {row: {seed: futures[(row, seed)].result() for seed in args.seeds} for row in args.rows}
+            results = {row: {} for row in args.rows}
+            for (row, seed), future in futures.items():
+                try:
+                    results[row][seed] = future.result()
+                except subprocess.CalledProcessError as err:  # one failed run must not lose the others
+                    failed.append(f"row {row} seed {seed}: exit {err.returncode}, see {args.out / f'{row}_seed{seed}.log'}")
     markdown, summary = table(results)
     command = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "results.md").write_text(f"Command: `{command}`\n\n{markdown}")
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     print(markdown)
-    return 0
+    for failure in failed:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
