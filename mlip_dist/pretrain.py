@@ -205,6 +205,7 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
         logger.info("saved checkpoint %s (%s)", ckpt_dir / tag_name, reason)
 
     stop = StopRequest()
+    first_step = step
     bad_steps = 0
     skipped_steps = 0
     skipped_samples = 0
@@ -274,8 +275,9 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
             break
     if tb is not None:
         tb.close()
-    return {"step": step, "samples_seen": samples_seen, "loss_history": history, "skipped_samples": skipped_samples,
-            "skipped_steps": skipped_steps}
+    # loss_history covers this launch only: steps first_step + 1 .. step (TensorBoard holds every launch).
+    return {"step": step, "first_step": first_step, "samples_seen": samples_seen, "loss_history": history,
+            "skipped_samples": skipped_samples, "skipped_steps": skipped_steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         for child in multiprocessing.active_children():
             child.kill()
         raise
-    if dist.get_rank() == 0:
-        summary = Path(config.train.output_dir) / "train_summary.json"
+    summary = Path(config.train.output_dir) / "train_summary.json"
+    if dist.get_rank() == 0 and (result["loss_history"] or not summary.is_file()):
+        # A launch of a run that had already finished trains nothing: keep the summary of the launch that did.
         ckpt.atomic_write_text(summary, json.dumps(result, indent=2))
     dist.barrier()
     dist.destroy_process_group()

@@ -86,8 +86,13 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, synthetic_shar
     straight = summary(straight_dir / "run")["loss_history"]
     resumed = summary(resumed_dir / "run")["loss_history"]
     assert len(straight) == 6 and len(resumed) == 3
+    assert summary(resumed_dir / "run")["first_step"] == 3 and summary(straight_dir / "run")["first_step"] == 0
     # Same data, masks, augmentation and optimizer state: equal up to float32 reduction-order noise.
     assert resumed == pytest.approx(straight[3:], rel=1e-5, abs=1e-6)
+    # Launching a finished run again trains nothing and keeps the summary of the launch that trained.
+    before = (straight_dir / "run" / "train_summary.json").read_text()
+    run(torchrun(2, "--config", str(straight_cfg), "--deepspeed_config", "ds_configs/zero2.json"), REPO)
+    assert (straight_dir / "run" / "train_summary.json").read_text() == before
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
