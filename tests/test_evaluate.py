@@ -152,11 +152,26 @@ def test_pointing_and_overlap_on_a_hand_made_case():
     heat[1, 2] = 5.0  # peak in patch (1, 2); mean heat is 5/16, so one patch is "above uniform"
     region = np.zeros((8, 8), dtype=bool)
     region[2:4, 4:8] = True  # patches (1, 2) and (1, 3) at 2x2 pixels per patch
-    hit, iou = _point_and_overlap(heat, region)
-    assert hit and iou == pytest.approx(4 / 8)
+    hit, iou, chance = _point_and_overlap(heat, region)
+    assert hit and iou == pytest.approx(4 / 8) and chance == pytest.approx(2 / 16)
     region[:] = False
     region[6:, :2] = True
-    assert _point_and_overlap(heat, region) == (False, 0.0)
+    assert _point_and_overlap(heat, region) == (False, 0.0, pytest.approx(1 / 16))
+
+
+def test_pointing_game_chance_is_the_mean_hit_of_a_random_peak():
+    """Independent check: the chance equals metrics.pointing_game averaged over a one-hot peak in every patch."""
+    from mlip_dist.evaluation.metrics import pointing_game
+    from mlip_dist.evaluation.tasks import _point_and_overlap
+
+    rng = np.random.default_rng(0)
+    region = np.zeros((96, 96), dtype=bool)
+    region[10:50, 30:77] = True
+    region[rng.random((96, 96)) < 0.1] = True
+    grid = (8, 8)
+    peaks = np.eye(64).reshape(64, *grid)
+    reference = pointing_game(peaks, np.repeat(region[None], 64, axis=0)).mean()
+    assert _point_and_overlap(rng.random(grid), region)[2] == pytest.approx(reference)
 
 
 @pytest.mark.slow

@@ -318,22 +318,30 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
     return results
 
 
-def _point_and_overlap(heat: np.ndarray, region: np.ndarray) -> tuple[bool, float]:
-    """Pointing game hit and IoU of one patch-grid heat map against a pixel region mask.
+def _point_and_overlap(heat: np.ndarray, region: np.ndarray) -> tuple[bool, float, float]:
+    """Pointing game hit, IoU and the hit chance of one patch-grid heat map against a pixel region mask.
 
-    The predicted region is the set of patches holding more than the uniform share of the heat."""
+    The predicted region is the set of patches holding more than the uniform share of the heat. The
+    chance is the hit probability of an arg-max drawn uniformly over the patches (the share of patches
+    whose centre pixel, as ``metrics.pointing_game`` maps it, lies in the region): the level a heat map
+    that knows nothing about the image reaches on average."""
     hit = bool(pointing_game(heat[None], region[None])[0])
     cell = (region.shape[0] // heat.shape[0], region.shape[1] // heat.shape[1])
     predicted = np.kron(heat > heat.sum() / heat.size, np.ones(cell)).astype(bool)
     union = (predicted | region).sum()
-    return hit, float((predicted & region).sum() / union) if union else 1.0
+    rows = ((np.arange(heat.shape[0]) + 0.5) * region.shape[0] / heat.shape[0]).astype(int)
+    cols = ((np.arange(heat.shape[1]) + 0.5) * region.shape[1] / heat.shape[1]).astype(int)
+    chance = float(region[np.ix_(rows, cols)].mean())
+    return hit, float((predicted & region).sum() / union) if union else 1.0, chance
 
 
-def _grounding_summary(scores: list[tuple[bool, float]], examples: list[Any], unit: str) -> dict[str, Any]:
+def _grounding_summary(scores: list[tuple[bool, float, float]], examples: list[Any], unit: str) -> dict[str, Any]:
     if not scores:
         return {"skipped": f"no {unit} with a ground-truth region"}
-    return {"pointing_game": float(np.mean([hit for hit, _ in scores])),
-            "iou": float(np.mean([iou for _, iou in scores])), unit: len(scores), "_examples": examples}
+    return {"pointing_game": float(np.mean([hit for hit, _, _ in scores])),
+            "iou": float(np.mean([iou for _, iou, _ in scores])),
+            "pointing_game_chance": float(np.mean([chance for _, _, chance in scores])),
+            unit: len(scores), "_examples": examples}
 
 
 def grounding(features: EvalFeatures, *, grid: tuple[int, int], label_bits: dict[str, int], eps: float,
