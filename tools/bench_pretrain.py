@@ -48,10 +48,6 @@ PRETRAIN = REPO / "mlip_dist" / "pretrain.py"
 TIME_TAGS = ("time/data_wait_s", "time/forward_s", "time/backward_step_s", "time/step_s", "throughput/samples_per_s")
 
 
-def launch_env() -> dict[str, str]:
-    return launch_environment()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -61,7 +57,7 @@ def free_port() -> int:
 def torchrun(nproc: int, script: Path, *args: str, timeout: int = 900) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(script), *args]
-    result = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result.stdout + result.stderr

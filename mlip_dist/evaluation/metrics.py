@@ -298,11 +298,24 @@ def pointing_game(heatmaps: Any, masks: Any) -> np.ndarray:
     if not regions.reshape(regions.shape[0], -1).any(axis=1).all():
         raise ValueError("pointing game needs a non-empty mask for every image")
     n, h, w = maps.shape
-    big_h, big_w = regions.shape[1:]
     flat_best = maps.reshape(n, -1).argmax(axis=1)
-    rows = np.floor((flat_best // w + 0.5) * big_h / h).astype(np.int64)
-    cols = np.floor((flat_best % w + 0.5) * big_w / w).astype(np.int64)
-    return regions[np.arange(n), rows, cols]
+    rows, cols = _cell_centre_pixels((h, w), regions.shape[1:])
+    return regions[np.arange(n), rows[flat_best // w], cols[flat_best % w]]
+
+
+def _cell_centre_pixels(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Mask row and column under each heat-map cell's centre: ``floor((i + 0.5) * H / h)``, same for columns."""
+    rows = np.floor((np.arange(grid[0]) + 0.5) * size[0] / grid[0]).astype(np.int64)
+    cols = np.floor((np.arange(grid[1]) + 0.5) * size[1] / grid[1]).astype(np.int64)
+    return rows, cols
+
+
+def pointing_game_chance(grid: tuple[int, int], mask: Any) -> float:
+    """Hit probability of :func:`pointing_game` when the arg-max cell is drawn uniformly over a ``grid``
+    heat map: the share of cells whose centre pixel lies in ``mask`` (H, W)."""
+    region = as_numpy(mask) > 0
+    rows, cols = _cell_centre_pixels(grid, region.shape)
+    return float(region[np.ix_(rows, cols)].mean())
 
 
 @dataclass(frozen=True)

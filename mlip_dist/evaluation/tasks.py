@@ -20,6 +20,7 @@ from mlip_dist.evaluation.metrics import (
     multiclass_accuracy,
     multilabel_auc,
     pointing_game,
+    pointing_game_chance,
     retrieval_recall,
     roc_auc,
 )
@@ -322,16 +323,13 @@ def _point_and_overlap(heat: np.ndarray, region: np.ndarray) -> tuple[bool, floa
     """Pointing game hit, IoU and the hit chance of one patch-grid heat map against a pixel region mask.
 
     The predicted region is the set of patches holding more than the uniform share of the heat. The
-    chance is the hit probability of an arg-max drawn uniformly over the patches (the share of patches
-    whose centre pixel, as ``metrics.pointing_game`` maps it, lies in the region): the level a heat map
-    that knows nothing about the image reaches on average."""
+    chance (``metrics.pointing_game_chance``) is the hit rate of an arg-max drawn uniformly over the
+    patches: the level a heat map that knows nothing about the image reaches on average."""
     hit = bool(pointing_game(heat[None], region[None])[0])
     cell = (region.shape[0] // heat.shape[0], region.shape[1] // heat.shape[1])
     predicted = np.kron(heat > heat.sum() / heat.size, np.ones(cell)).astype(bool)
     union = (predicted | region).sum()
-    rows = ((np.arange(heat.shape[0]) + 0.5) * region.shape[0] / heat.shape[0]).astype(int)
-    cols = ((np.arange(heat.shape[1]) + 0.5) * region.shape[1] / heat.shape[1]).astype(int)
-    chance = float(region[np.ix_(rows, cols)].mean())
+    chance = pointing_game_chance(heat.shape, region)
     return hit, float((predicted & region).sum() / union) if union else 1.0, chance
 
 
