@@ -16,7 +16,6 @@ import enum
 import json
 import logging
 import math
-import multiprocessing
 import os
 import resource
 import signal
@@ -288,15 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not Path(args.deepspeed_config).is_file():
         raise SystemExit(f"--deepspeed_config {args.deepspeed_config} does not exist")
-    try:
-        result = train(config, args.deepspeed_config, args.resume, args.local_rank)
-    except BaseException:
-        # Loader workers ignore SIGTERM (preemption is the trainer's to handle), and the traceback keeps
-        # the loader alive, so the interpreter's exit handler (terminate, then join every child) would
-        # wait forever. Kill them so a failed rank exits at once instead of hanging the job.
-        for child in multiprocessing.active_children():
-            child.kill()
-        raise
+    # A failed rank exits at once: the loader's exit hook stops its workers (mlip_dist.data.loader).
+    result = train(config, args.deepspeed_config, args.resume, args.local_rank)
     summary = Path(config.train.output_dir) / "train_summary.json"
     if dist.get_rank() == 0 and (result["loss_history"] or not summary.is_file()):
         # A launch of a run that had already finished trains nothing: keep the summary of the launch that did.

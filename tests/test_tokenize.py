@@ -91,6 +91,10 @@ def test_load_tokenizer_from_config(trained_tokenizer, tmp_path):
         load_tokenizer(TextEncoderConfig())
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(TextEncoderConfig(path=str(tmp_path / "nowhere")))
+    too_small = len(tok) - 1  # ids up to len(tok) - 1 would index past this embedding table
+    with pytest.raises(ValueError, match=f"{len(tok)} tokens but model.text.vocab_size is {too_small}"):
+        load_tokenizer(TextEncoderConfig(tokenizer=str(out), vocab_size=too_small))
+    assert len(load_tokenizer(TextEncoderConfig(tokenizer=str(out), vocab_size=len(tok)))) == len(tok)
 
 
 def test_train_tokenizer_refuses_to_overwrite_and_reports_missing_shards(trained_tokenizer, tmp_path):

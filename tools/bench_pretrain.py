@@ -108,17 +108,14 @@ def read_scalars(tb_dir: Path, skip: int) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag) if e.step > skip] for tag in TIME_TAGS}
 
 
-def step_flops(model_cfg, batch) -> float:
-    """FLOPs of one rank's forward + backward (torch.utils.flop_counter: matmuls, convs, attention)."""
+def step_flops(module: torch.nn.Module, batch) -> float:
+    """FLOPs of one forward + backward of ``module`` (torch.utils.flop_counter: matmuls, convs, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mlip_dist.config import LossConfig
-    from mlip_dist.training.module import MLIPTrainingModule
-
-    module = MLIPTrainingModule(model_cfg, LossConfig(), rank=0, world_size=1)
     with FlopCounterMode(display=False) as counter:
         loss, _ = module(batch)
         loss.backward()
+    module.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 
@@ -172,7 +169,10 @@ def part_run(args: argparse.Namespace) -> None:
         max_length=model_cfg.text.max_length, max_sentences=model_cfg.max_sentences, num_workers=0, seed=0,
     )
     batch = next(iter(loader))  # a real batch: FLOPs depend on the padded token length
-    flops = step_flops(model_cfg, batch)
+    from mlip_dist.config import LossConfig
+    from mlip_dist.training.module import MLIPTrainingModule
+
+    flops = step_flops(MLIPTrainingModule(model_cfg, LossConfig(), rank=0, world_size=1), batch)
     rate = matmul_gflops()
     compute = results[1]["time/forward_s"] + results[1]["time/backward_step_s"]
     tokens, sentences = batch.input_ids.shape[1], float(batch.sentence_mask.sum(1).float().mean())

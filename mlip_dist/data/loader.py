@@ -9,17 +9,22 @@ Guarantees:
 - Corrupt samples (undecodable image, bad JSON, truncated tar member) are skipped, counted in
   ``MLIPBatch.num_skipped`` and logged with the shard name; they never stop the run.
 - Fewer shards than ranks x workers raises ``NotEnoughShardsError`` (use ``data.resampled: true``),
-  never a hang.
+  never a hang; more workers than batches per epoch are cut to one worker per batch.
+- Workers ignore SIGTERM/SIGINT (the trainer checkpoints first, then stops them), so the loader's
+  iterators are shut down by an exit hook: a process that ends without closing one (an exception, a
+  global iterator) exits instead of waiting forever in multiprocessing's join of the workers.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
 import logging
 import math
 import random
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +208,13 @@ class ShardStream(IterableDataset):
     ):
         if batches_per_epoch < 1:
             raise ValueError("batches_per_epoch must be >= 1: the split has fewer samples than one global batch")
+        if num_workers > batches_per_epoch:
+            # Workers take the epoch's batches in turn and the DataLoader reads them round-robin: a worker
+            # that owns no batch never yields, and the DataLoader would wait for it forever.
+            raise ValueError(
+                f"{num_workers} loader workers for {batches_per_epoch} batch(es) per epoch: every worker must own "
+                f"at least one batch per epoch; use at most {batches_per_epoch} workers"
+            )
         if not resampled and len(shards) < world_size * max(1, num_workers):
             raise NotEnoughShardsError(
                 f"{len(shards)} shard(s) for {world_size} rank(s) x {max(1, num_workers)} worker(s): every "
@@ -263,6 +275,9 @@ class ShardStream(IterableDataset):
         epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
         while True:
             my_batches = [b for b in range(self.batches_per_epoch) if b % num_workers == worker]
+            if not my_batches:
+                raise RuntimeError(f"loader worker {worker} of {num_workers} owns none of the {self.batches_per_epoch} "
+                                   "batches per epoch and would stall the DataLoader; use fewer workers")
             stream = self._raw_stream(epoch, worker, num_workers)
             for batch_index in my_batches:
                 if batch_index < offset:
@@ -282,6 +297,34 @@ class ShardStream(IterableDataset):
                         logger.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
                 yield self.collate(decoded, num_skipped=skipped)
             epoch, offset = epoch + 1, 0
+
+
+_open_iterators: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register  # runs before multiprocessing's own exit hook (registered earlier, run later)
+def _shut_down_open_iterators() -> None:
+    """Stop the workers of every loader iterator still alive at interpreter exit.
+
+    multiprocessing's exit hook terminates daemon children with SIGTERM and then joins them; our workers
+    ignore SIGTERM (``_ignore_stop_signals``), so without this the join would wait forever.
+    """
+    for iterator in list(_open_iterators):
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()  # orderly: each worker finishes its batch and leaves (joined for up to 5 s)
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():  # still busy after that: the terminate() it got is ignored
+                worker.kill()
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader; its iterators are registered for shutdown at interpreter exit."""
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        _open_iterators.add(iterator)
+        return iterator
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -319,6 +362,10 @@ def build_train_loader(
     """Return an endless per-rank loader and the number of steps in one epoch."""
     split_info = read_dataset_info(shard_dir, split)
     batches_per_epoch = split_info.count // global_batch_size
+    if 0 < batches_per_epoch < num_workers:
+        logger.warning("%s split %r: %d batch(es) per epoch, so %d loader workers instead of %d (each needs a batch)",
+                       shard_dir, split, batches_per_epoch, batches_per_epoch, num_workers)
+        num_workers = batches_per_epoch
     stream = ShardStream(
         split_info.shards,
         rank=rank,
@@ -333,7 +380,7 @@ def build_train_loader(
         start_batch=start_batch,
         num_workers=num_workers,
     )
-    loader = DataLoader(
+    loader = TrainLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,

@@ -93,6 +93,8 @@ class TextEncoder(nn.Module):
             self.model = _load_pretrained(Path(config.path), config.dropout)
         else:
             self.model = BertModel(build_bert_config(config), add_pooling_layer=False)
+        # An encoder keeps no key/value cache; left on, every checkpointed layer call warns that it is ignored.
+        self.model.config.use_cache = False
         self.pool = GlobalPool(config.pool)
         if config.freeze_layers > 0:
             self._freeze(config.freeze_layers)

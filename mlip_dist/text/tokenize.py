@@ -39,6 +39,12 @@ def load_tokenizer(config: TextEncoderConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
     if not tokenizer.is_fast:
         raise TypeError(f"{folder}: no fast tokenizer (tokenizer.json) available; sentence spans need one")
+    if len(tokenizer) > config.vocab_size:
+        # Token ids past the embedding table fail only inside the first forward (a device-side assert on GPUs).
+        raise ValueError(
+            f"tokenizer {folder} has {len(tokenizer)} tokens but model.text.vocab_size is {config.vocab_size}; "
+            f"set --model.text.vocab_size {len(tokenizer)} (or use the tokenizer the text encoder was trained with)"
+        )
     return tokenizer
 
 
