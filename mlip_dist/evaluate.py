@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+class StageClock:
+    """Wall time of each evaluation stage, logged when it ends (so a slow task is visible in the log)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        logger.info("%s: %.1f s", stage, now - self.start)
+        self.start = now
+
+
 def classes_for(dataset_info: dict[str, Any], prompts: dict[str, Any]) -> tuple[str, list[str]]:
     """(kind, class names): kind is the eval benchmark name, or 'reports' for make_shards output."""
     from mlip_dist.data.mimic import CHEXPERT_LABELS
@@ -96,6 +109,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 len(classes), ",".join(wanted), world_size)
     segment = "segmentation" in wanted
     finetune = segment and args.seg_finetune
+    clock = StageClock()
     test = gather_features(extract_features(model, tokenizer, args.data, args.split, with_patch_tokens=segment,
                                             with_images=finetune, **common), world_size)
     train = None
@@ -103,6 +117,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         train = gather_features(extract_features(model, tokenizer, args.data, args.train_split,
                                                  with_patch_tokens=segment, with_patches=False, with_images=finetune,
                                                  **common), world_size)
+    clock.lap(f"features of {len(test)} {args.split} + {len(train) if train else 0} {args.train_split} images")
     loss_cfg = config.loss
     score_kwargs = dict(logit_scale=float(model.logit_scale().detach()), local_temperature=loss_cfg.local_temperature,
                         eps=loss_cfg.ot_epsilon, max_iter=loss_cfg.ot_max_iter, tol=loss_cfg.ot_tol)
@@ -118,11 +133,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             results["zero_shot"] = tasks.zero_shot_multiclass(test, prompt_features, classes, **score_kwargs)
         else:
             results["zero_shot"] = tasks.zero_shot_binary(test, prompt_features, classes, **score_kwargs)
+        clock.lap("zero_shot")
     if "retrieval" in wanted:
         results["retrieval"] = tasks.retrieval(test)
+        clock.lap("retrieval")
     if "linear_probe" in wanted:
         results["linear_probe"] = tasks.linear_probe(train, test, classes, seed=args.seed) if train else {
             "skipped": f"no {args.train_split} split"}
+        clock.lap("linear_probe")
     label_bits: dict[str, int] = {}
     for meta in test.meta + (train.meta if train else []):
         label_bits.update(meta.get("regions") or {})
@@ -134,7 +152,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             channels = [label_bits[n] for n in names] if kind == "reports" else None
             results["segmentation"] = tasks.segmentation(
                 train, test, grid=grid, image_size=image_cfg.image_size, channels=channels, channel_names=names,
-                epochs=args.seg_epochs, seed=args.seed, encoder=model.image_encoder if finetune else None)
+                epochs=args.seg_epochs, seed=args.seed, encoder=model.image_encoder if finetune else None,
+                device=device)
+        clock.lap("segmentation")
     if "grounding" in wanted:
         solver = dict(eps=loss_cfg.ot_epsilon, max_iter=loss_cfg.ot_max_iter, tol=loss_cfg.ot_tol, keep_maps=8)
         if kind == "reports":
@@ -144,6 +164,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                                           grid=grid, **solver)
         else:
             results["grounding"] = {"skipped": "no region masks in these shards"}
+        clock.lap("grounding")
     if rank == 0:
         write_outputs(args, loaded, results, test)
     if dist.is_initialized():

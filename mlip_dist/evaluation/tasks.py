@@ -254,12 +254,15 @@ def _images_to_tensor(images: np.ndarray, in_chans: int) -> torch.Tensor:
 
 def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, int], image_size: int,
                  channels: list[int] | None, channel_names: list[str], epochs: int = 60, seed: int = 0,
-                 encoder: torch.nn.Module | None = None, encoder_lr: float = 1e-4) -> dict[str, Any]:
+                 encoder: torch.nn.Module | None = None, encoder_lr: float = 1e-4,
+                 device: torch.device | str | None = None) -> dict[str, Any]:
     """Few-shot segmentation at 1%, 10%, 100% of the training masks; Dice on the test split.
 
     ``encoder=None``: frozen encoder (precomputed patch tokens) + light head. With an image encoder, a copy
     of it is fine-tuned with the head for each fraction (needs ``EvalFeatures.images``).
     Dice is averaged over (test image, channel) pairs whose ground truth is non-empty.
+    The heads train on ``device`` (default: the encoder's, else the CPU); the masks are full-resolution,
+    so on a GPU node this is where the evaluation job spends most of its time otherwise.
     """
     import copy
 
@@ -269,7 +272,9 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
         return {"skipped": "no patch tokens extracted"}
     if encoder is not None and (train.images is None or test.images is None):
         return {"skipped": "fine-tuning needs the images (extract with with_images=True)"}
-    y_train = torch.from_numpy(_mask_channels(train.masks, channels))
+    if device is None:
+        device = next(encoder.parameters()).device if encoder is not None else torch.device("cpu")
+    y_train = torch.from_numpy(_mask_channels(train.masks, channels)).to(device)
     y_test = _mask_channels(test.masks, channels)
     results: dict[str, Any] = {"channels": channel_names, "encoder": "frozen" if encoder is None else "fine-tuned"}
     for fraction in FEW_SHOT_FRACTIONS:
@@ -279,12 +284,12 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
 
         def tokens(features: EvalFeatures, index: torch.Tensor, tuned: torch.nn.Module | None = tuned) -> torch.Tensor:
             if tuned is None:
-                return torch.from_numpy(features.patch_tokens[index.numpy()].astype(np.float32))
-            images = _images_to_tensor(features.images[index.numpy()], tuned.config.in_chans)
+                return torch.from_numpy(features.patch_tokens[index.numpy()].astype(np.float32)).to(device)
+            images = _images_to_tensor(features.images[index.numpy()], tuned.config.in_chans).to(device)
             return tuned(images, mask_ratio=0.0).patch_tokens
 
         width = tuned.embed_dim if tuned is not None else train.patch_tokens.shape[-1]
-        head = SegmentationHead(width, y_train.shape[1], grid, image_size)
+        head = SegmentationHead(width, y_train.shape[1], grid, image_size).to(device)
         groups = [{"params": head.parameters(), "lr": 3e-3}]
         if tuned is not None:
             groups.append({"params": tuned.parameters(), "lr": encoder_lr})
@@ -295,7 +300,7 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
             for start in range(0, len(subset), 16):
                 index = subset[start:start + 16]
                 logits = head(tokens(train, index))
-                target = y_train[index]
+                target = y_train[index.to(device)]
                 probs = torch.sigmoid(logits)
                 dice = 1 - (2 * (probs * target).sum((2, 3)) + 1) / (probs.sum((2, 3)) + target.sum((2, 3)) + 1)
                 loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight) + dice.mean()
@@ -306,7 +311,7 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
             tuned.eval()
         with torch.no_grad():
             predictions = torch.sigmoid(torch.cat([head(tokens(test, torch.arange(i, min(i + 32, len(test)))))
-                                                   for i in range(0, len(test), 32)])).numpy()
+                                                   for i in range(0, len(test), 32)])).cpu().numpy()
         present = y_test.reshape(*y_test.shape[:2], -1).any(-1)
         evaluated = [c for c in range(y_test.shape[1]) if present[:, c].any()]
         per_channel = {channel_names[c]: mean_dice(predictions[present[:, c], c], y_test[present[:, c], c])
