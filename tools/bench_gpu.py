@@ -76,7 +76,7 @@ def model_part(name: str) -> str:
     parts = name.split(".")
     if parts[0] == "model" and parts[1] in ("image_encoder", "text_encoder", "decoder"):
         return parts[1]
-    return "heads + loss" if parts[0] == "loss" or parts[0] == "model" else parts[0]
+    return "heads + loss"  # the projections, the logit scale, the learned-integrity head
 
 
 def gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
