@@ -76,3 +76,23 @@ def test_a_failed_run_is_reported_and_the_others_are_tabulated(ablate, tmp_path,
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["a"]["seeds"] == [0, 1] and summary["d"]["seeds"] == [0]
     assert "FAILED: row d seed 1" in capsys.readouterr().err
+
+
+def test_set_overrides_reach_every_run_and_rows_keep_theirs(ablate, tmp_path, monkeypatch):
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        if "--out" in cmd:  # the evaluation writes the results the study reads back
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "results.json").write_text(json.dumps(fake_results(0.7, 0.2)))
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    args = ablate.argparse.Namespace(out=tmp_path, config=tmp_path / "c.yaml", shards=tmp_path / "s", steps=5, batch=4,
+                                     set=[["model.text.max_length", "128"], ["loss.integrity", "learned"]])
+    assert ablate.run_one("c", 0, args, 29500) == fake_results(0.7, 0.2)
+    train = commands[0]
+    assert train[train.index("--model.text.max_length") + 1] == "128"
+    # the row's own setting comes later on the command line, so it wins
+    assert [train[i + 1] for i, a in enumerate(train) if a == "--loss.integrity"] == ["learned", "relative"]

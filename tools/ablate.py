@@ -2,7 +2,7 @@
 """Validation study: what each part of MLIP contributes, same data, budget and seeds for every row.
 
     python tools/ablate.py --shards runs/demo/shards --out runs/ablation [--seeds 0 1 2] [--steps 150]
-        [--rows a b c d e f] [--parallel 2] [--config mlip_dist/configs/study_fast.yaml]
+        [--rows a b c d e f] [--parallel 2] [--config mlip_dist/configs/study_fast.yaml] [--set FIELD VALUE ...]
 
 Rows (config overrides on top of --config):
   a  global contrastive loss only (CLIP-style): no masking, no integrity weights, no OT, no reconstruction
@@ -69,7 +69,6 @@ def lookup(results: dict, path: tuple[str, ...]) -> float:
 
 def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
     run_dir = args.out / f"{row}_seed{seed}"
-    results_path = run_dir / "eval" / "results.json"
     if (done := finished(row, seed, args.out)) is not None:
         return done
     env = launch_environment()
@@ -79,7 +78,8 @@ def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
              str(REPO / "ds_configs" / "zero2.json"), "--data.shards", str(args.shards), "--train.output_dir",
              str(run_dir), "--train.max_steps", str(args.steps), "--train.global_batch_size", str(args.batch),
              "--train.seed", str(seed), "--data.seed", str(seed), "--train.image_log_every", "0",
-             "--train.save_every", str(args.steps), "--data.num_workers", "1", *ROWS[row][1]]
+             "--train.save_every", str(args.steps), "--data.num_workers", "1",
+             *(arg for key, value in args.set for arg in (f"--{key}", value)), *ROWS[row][1]]
     evaluate = [sys.executable, str(REPO / "mlip_dist" / "evaluate.py"), "--checkpoint", str(run_dir), "--data",
                 str(args.shards), "--split", "test", "--out", str(run_dir / "eval"), "--seed", str(seed),
                 "--seg-epochs", "30", "--no-progress"]
@@ -89,7 +89,7 @@ def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
         log.flush()
         subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     print(f"row {row} seed {seed}: {time.time() - started:.0f} s", flush=True)
-    return json.loads(results_path.read_text())
+    return finished(row, seed, args.out)
 
 
 def finished(row: str, seed: int, out: Path) -> dict | None:
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
+                        help="config override for every run, e.g. --set model.text.max_length 128 (rows' own win)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one core each)")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: tabulate the runs under --out that have finished")
