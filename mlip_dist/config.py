@@ -32,6 +32,14 @@ class GlobalPool(str, enum.Enum):
     MEAN = "mean"
 
 
+class PatchStem(str, enum.Enum):
+    """How the image encoder turns a patch into a token: timm's linear patch embedding (the paper's
+    ViT) or a small CNN applied to each patch on its own (ours; models/patch_stem.py)."""
+
+    LINEAR = "linear"
+    CONV = "conv"
+
+
 class ProjectionKind(str, enum.Enum):
     LINEAR = "linear"
     MLP = "mlp"
@@ -66,6 +74,8 @@ class ImageEncoderConfig:
     mask_ratio: float = 0.5
     pool: GlobalPool = GlobalPool.CLS
     drop_path_rate: float = 0.0
+    stem: PatchStem = PatchStem.LINEAR
+    stem_width: int = 16  # channels of the conv stem's first stage (doubled at each later stage)
 
 
 @dataclass
@@ -344,6 +354,9 @@ def validate(config: MLIPConfig) -> None:
     checks = [
         (0.0 <= m.image.mask_ratio < 1.0, "model.image.mask_ratio must be in [0, 1)"),
         (m.image.image_size % m.image.patch_size == 0, "model.image.image_size must be a multiple of patch_size"),
+        (m.image.stem == PatchStem.LINEAR or m.image.checkpoint is None,
+         "model.image.checkpoint needs model.image.stem=linear (a timm checkpoint has no conv stem)"),
+        (m.image.stem_width > 0, "model.image.stem_width must be positive"),
         (m.embed_dim > 0, "model.embed_dim must be positive"),
         (loss.ot_epsilon > 0, "loss.ot_epsilon must be positive"),
         (loss.local_temperature > 0, "loss.local_temperature must be positive"),

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlip_dist.config import GlobalPool, MLIPConfig, ProjectionKind, from_dict, to_dict
+from mlip_dist.config import GlobalPool, MLIPConfig, PatchStem, ProjectionKind, from_dict, to_dict
 from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
 from mlip_dist.model_io import CheckpointError, LoadedRun, load_run, load_tokenizer
 from mlip_dist.models.heads import Projection
@@ -110,13 +110,19 @@ def timm_create_spec(model: MLIPModel) -> dict[str, Any]:
     """``{"timm_name", "create_kwargs"}`` that rebuild the image encoder's ViT with plain timm.
 
     The architecture numbers are read from the built ViT (not the config's optional overrides) so
-    that ``timm.create_model(timm_name, **create_kwargs)`` has exactly its parameter shapes.
+    that ``timm.create_model(timm_name, **create_kwargs)`` has exactly its parameter shapes. A conv patch
+    stem (``model.image.stem: conv``) adds ``{"conv_patch_stem": {"width": w}}``: the ViT is then built
+    with ``embed_layer=functools.partial(mlip_dist.models.patch_stem.ConvPatchEmbed, width=w)``.
     ``global_pool=""`` as in training: it builds no pooling parameters and keeps ``norm`` on all
     tokens, so ``forward_features`` equals the training encoder's unmasked pass.
     """
     vit: Any = model.image_encoder.vit
     image_config = model.config.image
-    return {
+    spec: dict[str, Any] = {}
+    if image_config.stem == PatchStem.CONV:
+        # timm has no such embed layer: load_exported passes mlip_dist's as create_model(embed_layer=...).
+        spec["conv_patch_stem"] = {"width": image_config.stem_width}
+    return spec | {
         "timm_name": image_config.name,
         "create_kwargs": {
             "pretrained": False,
@@ -208,10 +214,22 @@ def render_readme(manifest: ExportManifest, timm_spec: dict[str, Any]) -> str:
                         'report_embedding = project((states * mask).sum(1) / mask.sum(1), "report_proj")')
     pool_words = {GlobalPool.CLS.value: "the CLS token (token 0)", GlobalPool.MEAN.value: "the mean"}
     size = manifest.image_size
+    if "conv_patch_stem" in timm_spec:
+        needs = ("The text encoder and heads load with plain transformers, safetensors and torch. The image encoder "
+                 "is a timm ViT with mlip_dist's conv patch stem: build it with `embed_layer=functools.partial("
+                 "mlip_dist.models.patch_stem.ConvPatchEmbed, width="
+                 f"{timm_spec['conv_patch_stem']['width']})` (`mlip_dist` installed).")
+        create_line = ('vit = timm.create_model(spec["timm_name"], **spec["create_kwargs"],\n'
+                       '                        embed_layer=partial(ConvPatchEmbed, **spec["conv_patch_stem"])).eval()')
+        stem_import = "from functools import partial\nfrom mlip_dist.models.patch_stem import ConvPatchEmbed\n"
+    else:
+        needs = "Everything loads with plain transformers, timm, safetensors and torch; `mlip_dist` is not needed."
+        create_line = 'vit = timm.create_model(spec["timm_name"], **spec["create_kwargs"]).eval()'
+        stem_import = ""
     return f"""# MLIP export
 
 Exported by `python -m mlip_dist.export` from `{manifest.source_checkpoint}` (step {manifest.step}).
-Everything loads with plain transformers, timm, safetensors and torch; `mlip_dist` is not needed.
+{needs}
 
 ## Files
 - `text_encoder/`: the report encoder (BERT-style) and its tokenizer, a transformers folder.
@@ -226,8 +244,8 @@ Everything loads with plain transformers, timm, safetensors and torch; `mlip_dis
 - `export.json`: pooling, preprocessing constants and sizes; `mlip_config.json`: the full training config.
 
 ## Preprocessing
-- Image: grayscale in [0, 1]; resize the shorter side to {manifest.image_size} px and centre-crop to
-  {manifest.image_size}x{manifest.image_size}; normalise `(x - {manifest.image_mean}) / {manifest.image_std}`;
+- Image: grayscale in [0, 1]; resize the whole image to {manifest.image_size}x{manifest.image_size} (as in
+  training, the aspect ratio is not kept); normalise `(x - {manifest.image_mean}) / {manifest.image_std}`;
   repeat to {manifest.in_chans} channel(s): input shape (B, {manifest.in_chans}, {size}, {size}).
 - Image features: `tokens = vit.forward_features(images)`; the global embedding is
   {pool_words[manifest.image_pool]} {"" if manifest.image_pool == "cls" else "of the patch tokens "}before
@@ -246,10 +264,10 @@ import json
 import timm, torch, torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
-
+{stem_import}
 root = "path/to/this/folder"
 spec = json.load(open(f"{{root}}/image_encoder/config.json"))
-vit = timm.create_model(spec["timm_name"], **spec["create_kwargs"]).eval()
+{create_line}
 vit.load_state_dict(load_file(f"{{root}}/image_encoder/model.safetensors"))
 bert = AutoModel.from_pretrained(f"{{root}}/text_encoder").eval()  # its pooler is unused
 tokenizer = AutoTokenizer.from_pretrained(f"{{root}}/text_encoder")
@@ -428,7 +446,14 @@ def load_exported(out_dir: str | Path, device: torch.device | str = "cpu") -> Ex
     manifest = ExportManifest(**manifest_data)
     config = from_dict(MLIPConfig, _read_json(root / CONFIG_FILE))
     spec = _read_json(root / IMAGE_DIR / "config.json")
-    vit: Any = timm.create_model(spec["timm_name"], **spec["create_kwargs"])
+    create_kwargs = dict(spec["create_kwargs"])
+    if "conv_patch_stem" in spec:
+        from functools import partial
+
+        from mlip_dist.models.patch_stem import ConvPatchEmbed
+
+        create_kwargs["embed_layer"] = partial(ConvPatchEmbed, width=int(spec["conv_patch_stem"]["width"]))
+    vit: Any = timm.create_model(spec["timm_name"], **create_kwargs)
     vit.load_state_dict(load_file(str(root / IMAGE_DIR / WEIGHTS_FILE)), strict=True)
     text_dir = root / TEXT_DIR
     try:

@@ -15,7 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlip_dist.config import GlobalPool, LossConfig, MLIPConfig, ModelConfig, ProjectionKind, to_dict
+from mlip_dist.config import (
+    GlobalPool,
+    LossConfig,
+    MLIPConfig,
+    ModelConfig,
+    PatchStem,
+    ProjectionKind,
+    to_dict,
+)
 from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
 from mlip_dist.export import ExportError, export_run, load_exported, main
 from mlip_dist.model_io import CheckpointError
@@ -71,7 +79,14 @@ def check_with_plain_libraries(out: Path, model: MLIPModel, minilm: str) -> None
     from transformers import AutoModel, AutoTokenizer
 
     spec = json.loads((out / "image_encoder" / "config.json").read_text())
-    vit = timm.create_model(spec["timm_name"], **spec["create_kwargs"]).eval()
+    stem = {}
+    if "conv_patch_stem" in spec:  # the one part timm does not have
+        from functools import partial
+
+        from mlip_dist.models.patch_stem import ConvPatchEmbed
+
+        stem = {"embed_layer": partial(ConvPatchEmbed, **spec["conv_patch_stem"])}
+    vit = timm.create_model(spec["timm_name"], **spec["create_kwargs"], **stem).eval()
     vit.load_state_dict(load_file(str(out / "image_encoder" / "model.safetensors")), strict=True)
     bert = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
     exported_tokenizer = AutoTokenizer.from_pretrained(str(out / "text_encoder"))
@@ -184,6 +199,30 @@ def test_mean_pooling_and_mlp_heads_export(tmp_path, minilm_path):
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-5
     assert result.manifest.image_pool == "mean" and result.manifest.projection == "mlp"
     assert result.manifest.step == 1
+    check_with_plain_libraries(tmp_path / "export", model, minilm_path)
+    check_readme_snippet(tmp_path / "export", model, tmp_path)
+
+
+def test_conv_patch_stem_export(tmp_path, minilm_path):
+    def conv_stem(config: ModelConfig) -> None:
+        config.image.stem = PatchStem.CONV
+        config.image.stem_width = 4
+
+    run_dir, model = make_run(tmp_path / "run", minilm_path, seed=2, configure=conv_stem)
+    with torch.no_grad():  # batch-norm statistics that are not the initial ones must be exported too
+        for module in model.image_encoder.vit.patch_embed.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    from safetensors.torch import save_file
+
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()},
+              str(run_dir / "checkpoints" / "step_00000001" / "model.safetensors"))
+    result = export_run(run_dir, tmp_path / "export")
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-5
+    spec = json.loads((tmp_path / "export" / "image_encoder" / "config.json").read_text())
+    assert spec["conv_patch_stem"] == {"width": 4}
+    assert "ConvPatchEmbed" in (tmp_path / "export" / "README.md").read_text()
     check_with_plain_libraries(tmp_path / "export", model, minilm_path)
     check_readme_snippet(tmp_path / "export", model, tmp_path)
 

@@ -9,12 +9,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mlip_dist.models.image_encoder as image_encoder_module
-from mlip_dist.config import GlobalPool, ImageEncoderConfig, LossConfig, ProjectionKind
+from mlip_dist.config import (
+    ConfigError,
+    GlobalPool,
+    ImageEncoderConfig,
+    LossConfig,
+    PatchStem,
+    ProjectionKind,
+    load_config,
+)
 from mlip_dist.data.batch import MLIPBatch
 from mlip_dist.losses.reconstruction import patchify
 from mlip_dist.models.decoder import MAEDecoder
 from mlip_dist.models.image_encoder import ImageEncoder, num_visible_patches, random_patch_mask
 from mlip_dist.models.mlip import MLIPModel
+from mlip_dist.models.patch_stem import ConvPatchEmbed
 from mlip_dist.models.presets import PRESETS, get_preset, tiny
 from mlip_dist.models.text_encoder import TextEncoder, span_mean
 
@@ -84,23 +93,26 @@ def test_random_mask_is_reproducible_with_generator_and_varies_across_seeds():
 # ---------------------------------------------------------------- image encoder
 
 
-def _small_vit_config(name: str, pool: GlobalPool = GlobalPool.CLS) -> ImageEncoderConfig:
+def _small_vit_config(name: str, pool: GlobalPool = GlobalPool.CLS, stem: PatchStem = PatchStem.LINEAR
+                      ) -> ImageEncoderConfig:
     return ImageEncoderConfig(
-        name=name, image_size=32, patch_size=8, width=32, depth=2, num_heads=2, pool=pool
+        name=name, image_size=32, patch_size=8, width=32, depth=2, num_heads=2, pool=pool, stem=stem, stem_width=8
     )
 
 
 @pytest.mark.parametrize(
-    ("name", "pool"),
+    ("name", "pool", "stem"),
     [
-        ("vit_tiny_patch16_224", GlobalPool.CLS),  # cls token, pos embed covers cls
-        ("deit3_small_patch16_224", GlobalPool.CLS),  # no_embed_class: pos embed on patches only
-        ("vit_base_patch16_reg4_gap_256", GlobalPool.MEAN),  # 4 register tokens, no cls token
+        ("vit_tiny_patch16_224", GlobalPool.CLS, PatchStem.LINEAR),  # cls token, pos embed covers cls
+        ("deit3_small_patch16_224", GlobalPool.CLS, PatchStem.LINEAR),  # no_embed_class: pos embed on patches only
+        ("vit_base_patch16_reg4_gap_256", GlobalPool.MEAN, PatchStem.LINEAR),  # 4 register tokens, no cls token
+        ("vit_tiny_patch16_224", GlobalPool.CLS, PatchStem.CONV),  # the conv stem is timm's embed_layer
+        ("vit_base_patch16_reg4_gap_256", GlobalPool.MEAN, PatchStem.CONV),
     ],
 )
-def test_mask_ratio_zero_equals_timm_forward_features(name, pool):
+def test_mask_ratio_zero_equals_timm_forward_features(name, pool, stem):
     torch.manual_seed(0)
-    encoder = ImageEncoder(_small_vit_config(name, pool)).eval()
+    encoder = ImageEncoder(_small_vit_config(name, pool, stem)).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         reference = encoder.vit.forward_features(images)
@@ -144,6 +156,54 @@ def test_only_visible_patches_are_encoded(model):
     assert torch.equal(base.patch_tokens, painted_masked.patch_tokens)
     assert torch.equal(base.global_embedding, painted_masked.global_embedding)
     assert not torch.allclose(base.patch_tokens, painted_visible.patch_tokens)
+
+
+def test_conv_stem_token_depends_on_its_own_patch_only():
+    torch.manual_seed(0)
+    encoder = ImageEncoder(_small_vit_config("vit_tiny_patch16_224", stem=PatchStem.CONV)).eval()
+    stem = encoder.vit.patch_embed
+    assert isinstance(stem, ConvPatchEmbed) and stem.grid_size == (4, 4) and encoder.patch_size == 8
+    images = torch.randn(2, 3, 32, 32)
+    painted = images.clone()
+    painted[:, :, 8:16, 8:16] = 5.0  # patch 5 (row 1, col 1)
+    with torch.no_grad():
+        base, changed = stem(images), stem(painted)
+        alone = stem.forward_patches(patchify(images, 8)[:, 5:6])
+    others = [k for k in range(16) if k != 5]
+    assert torch.equal(base[:, others], changed[:, others])
+    assert not torch.allclose(base[:, 5], changed[:, 5])
+    torch.testing.assert_close(alone[:, 0], base[:, 5], atol=1e-6, rtol=0)
+
+
+def test_conv_stem_embeds_only_the_visible_patches_and_masked_pixels_reach_no_output():
+    torch.manual_seed(0)
+    encoder = ImageEncoder(_small_vit_config("vit_tiny_patch16_224", stem=PatchStem.CONV)).eval()
+    images = torch.randn(3, 3, 32, 32)
+    mask = random_patch_mask(3, encoder.num_patches, 0.75, generator=torch.Generator().manual_seed(0))
+    stem_inputs = []
+    hook = encoder.vit.patch_embed.net.register_forward_pre_hook(lambda _, args: stem_inputs.append(args[0].shape))
+    with torch.no_grad():
+        base = encoder(images, mask=mask)
+        painted = encoder(_paint_patches(images, mask.masked_patch_idx, 8, 9.0), mask=mask)
+        full = encoder(images, mask_ratio=0.0)
+    hook.remove()
+    assert stem_inputs[0] == (3 * 4, 3, 8, 8)  # 4 of 16 patches visible per image
+    assert torch.equal(base.patch_tokens, painted.patch_tokens)
+    assert torch.equal(base.global_embedding, painted.global_embedding)
+    # Before the transformer, a visible token is exactly the full view's token at that position.
+    prefix, visible = encoder._prefix_and_visible_patches(images, mask.visible_patch_idx)
+    _, every = encoder._prefix_and_visible_patches(images, torch.arange(16).expand(3, -1))
+    torch.testing.assert_close(visible, every.gather(1, mask.visible_patch_idx[..., None].expand(-1, -1, 32)))
+    assert full.patch_tokens.shape == (3, 16, 32)
+
+
+def test_conv_stem_rejects_bad_settings():
+    with pytest.raises(ValueError, match="power of two"):
+        ImageEncoder(dataclasses.replace(_small_vit_config("vit_tiny_patch16_224", stem=PatchStem.CONV),
+                                         image_size=36, patch_size=12))
+    with pytest.raises(ConfigError, match="stem=linear"):
+        load_config(overrides=["--preset", "tiny", "--model.image.stem", "conv",
+                               "--model.image.checkpoint", "/weights/vit.safetensors"])
 
 
 def _vit_state(encoder: ImageEncoder) -> dict[str, torch.Tensor]:

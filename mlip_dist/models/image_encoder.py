@@ -16,6 +16,7 @@ from __future__ import annotations
 import pickle  # only for its UnpicklingError; nothing is unpickled outside weights_only
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +26,9 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mlip_dist.config import GlobalPool, ImageEncoderConfig
+from mlip_dist.config import GlobalPool, ImageEncoderConfig, PatchStem
+from mlip_dist.losses.reconstruction import gather_patches, patchify
+from mlip_dist.models.patch_stem import ConvPatchEmbed
 
 # Keys of a timm checkpoint that belong to a classification head we never build (num_classes=0).
 _HEAD_PREFIXES = ("head.", "fc_norm.", "attn_pool.", "head_drop.")
@@ -146,6 +149,8 @@ class ImageEncoder(nn.Module):
             overrides["depth"] = config.depth
         if config.num_heads is not None:
             overrides["num_heads"] = config.num_heads
+        if config.stem == PatchStem.CONV:
+            overrides["embed_layer"] = partial(ConvPatchEmbed, width=config.stem_width)
         # global_pool="" keeps the final norm on all tokens and builds no unused pooling parameters.
         vit = timm.create_model(
             config.name,
@@ -216,10 +221,20 @@ class ImageEncoder(nn.Module):
         """Recompute each transformer block in backward instead of storing its activations."""
         self.grad_checkpointing = enabled
 
-    def _prefix_and_patches(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Patch tokens with their position embedding, and the prefix tokens with theirs."""
+    def _prefix_and_visible_patches(
+        self, images: torch.Tensor, visible_patch_idx: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Visible patch tokens (B, Kv, D) with their position embedding, and the prefix tokens with theirs.
+
+        timm's linear patch embedding embeds every patch and keeps the visible ones (the same
+        result); the conv stem embeds only the visible patches' pixels.
+        """
         vit = self.vit
-        patches = vit.patch_embed(images)  # (B, K, D), row-major patch order
+        if isinstance(vit.patch_embed, ConvPatchEmbed):
+            pixels = gather_patches(patchify(images, self.patch_size), visible_patch_idx)
+            patches = vit.patch_embed.forward_patches(pixels)
+        else:
+            patches = _gather_tokens(vit.patch_embed(images), visible_patch_idx)  # row-major patch order
         batch = patches.shape[0]
         prefix_parts = []
         if vit.cls_token is not None:
@@ -228,15 +243,13 @@ class ImageEncoder(nn.Module):
             prefix_parts.append(vit.reg_token.expand(batch, -1, -1))
         prefix = torch.cat(prefix_parts, dim=1) if prefix_parts else None
         if vit.pos_embed is not None:
-            if vit.no_embed_class:
-                # deit-3 style: position embedding covers patches only.
-                patches = patches + vit.pos_embed
-            else:
-                # original ViT: the first num_prefix_tokens entries belong to the prefix tokens.
-                n_prefix = self.num_prefix_tokens
-                patches = patches + vit.pos_embed[:, n_prefix:]
-                if prefix is not None:
-                    prefix = prefix + vit.pos_embed[:, :n_prefix]
+            n_prefix = 0 if vit.no_embed_class else self.num_prefix_tokens
+            # deit-3 style (no_embed_class): the position embedding covers patches only; original ViT:
+            # its first num_prefix_tokens entries belong to the prefix tokens.
+            patch_pos = vit.pos_embed[:, n_prefix:].expand(batch, -1, -1)
+            patches = patches + _gather_tokens(patch_pos, visible_patch_idx)
+            if prefix is not None and n_prefix:
+                prefix = prefix + vit.pos_embed[:, :n_prefix]
         return prefix, patches
 
     def forward(
@@ -258,8 +271,7 @@ class ImageEncoder(nn.Module):
             mask = random_patch_mask(
                 batch, self.num_patches, ratio, device=images.device, generator=generator
             )
-        prefix, patches = self._prefix_and_patches(images)
-        tokens = _gather_tokens(patches, mask.visible_patch_idx)
+        prefix, tokens = self._prefix_and_visible_patches(images, mask.visible_patch_idx)
         if prefix is not None:
             tokens = torch.cat([prefix, tokens], dim=1)
         # timm's patch_drop is skipped on purpose: the random masking above replaces it.
