@@ -192,3 +192,30 @@ def test_missing_shard_is_named(tmp_path):
     (root / "train-000001.tar").unlink()
     with pytest.raises(FileNotFoundError, match="train-000001.tar"):
         read_dataset_info(root, "train")
+
+
+def test_evaluation_view_keeps_the_whole_field_and_matches_training_geometry():
+    """A tall image: the evaluation view squeezes it to the square like a training crop at scale 1 (no
+    rows cut away), and its region mask is resized the same way."""
+    from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD, preprocess_image
+    from mlip_dist.evaluation.extract import _decode_mask
+
+    height, width = 80, 64
+    pixels = np.zeros((height, width), dtype=np.uint8)
+    pixels[-8:] = 255  # the bottom tenth: what a centre crop to 64 x 64 would drop
+    image = torch.from_numpy(pixels.astype(np.float32) / 255)[None]
+    config = AugmentConfig(image_size=32, in_chans=1)
+    view = preprocess_image(image, config, generator=None)[0] * IMAGE_STD + IMAGE_MEAN
+    assert view.shape == (32, 32)
+    bright_rows = (view > 0.5).all(dim=1).nonzero().flatten().tolist()
+    assert bright_rows == [29, 30, 31]  # rows 72-79 of 80 land in rows 28.8-32 of 32
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    mask = _decode_mask(buffer.getvalue(), 32)
+    assert mask.shape == (32, 32)
+    assert (mask > 0).all(axis=1).nonzero()[0].tolist() == bright_rows
+    # A training crop at scale 1 with no rotation or jitter is the same view.
+    flat = AugmentConfig(image_size=32, in_chans=1, crop_scale=(1.0, 1.0), max_rotation_deg=0.0, brightness=0.0,
+                         contrast=0.0)
+    trained = preprocess_image(image, flat, torch.Generator().manual_seed(0))[0] * IMAGE_STD + IMAGE_MEAN
+    torch.testing.assert_close(trained, view, atol=1e-5, rtol=0)

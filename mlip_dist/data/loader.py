@@ -102,7 +102,12 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 
 def preprocess_image(image: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Crop/resize to ``image_size`` (augmented when a generator is given), normalise, repeat channels."""
+    """Resize to ``image_size`` x ``image_size`` (augmented when a generator is given), normalise, repeat channels.
+
+    Training: a random crop of 80-100 % of the area with the image's own aspect ratio, resized to the
+    square (so the whole field is squeezed, not cut), a small rotation and brightness/contrast jitter.
+    Without a generator: the whole image resized to the square, the centre of that distribution.
+    """
     size = config.image_size
     _, height, width = image.shape
     if generator is not None and config.enabled:
@@ -119,9 +124,9 @@ def preprocess_image(image: torch.Tensor, config: AugmentConfig, generator: torc
         image = TF.adjust_brightness(image, 1 + (2 * factors[0] - 1) * config.brightness)
         image = TF.adjust_contrast(image, 1 + (2 * factors[1] - 1) * config.contrast)
     else:
-        # Evaluation: resize the shorter side, centre crop.
-        image = TF.resize(image, [size], antialias=True)
-        image = TF.center_crop(image, [size, size])
+        # Evaluation: the whole image resized to size x size, the geometry of a training crop at scale 1
+        # (training crops keep the image's aspect ratio and are resized to a square as well).
+        image = TF.resize(image, [size, size], antialias=True)
     image = (image.clamp(0, 1) - IMAGE_MEAN) / IMAGE_STD
     return image.expand(config.in_chans, -1, -1).contiguous()
 

@@ -48,14 +48,13 @@ class EvalFeatures:
 
 
 def _decode_mask(data: bytes, size: int) -> np.ndarray:
-    """A stored mask (8-bit 0/255 or 16-bit bit flags) resized (nearest) and centre-cropped like the image."""
+    """A stored mask (8-bit 0/255 or 16-bit bit flags) resized (nearest) to size x size, like the image."""
     import torchvision.transforms.v2.functional as TF
 
     with Image.open(io.BytesIO(data)) as img:
         array = np.asarray(img).astype(np.int64)
     tensor = torch.from_numpy(array)[None]
-    tensor = TF.resize(tensor, [size], interpolation=TF.InterpolationMode.NEAREST)
-    return TF.center_crop(tensor, [size, size])[0].numpy()
+    return TF.resize(tensor, [size, size], interpolation=TF.InterpolationMode.NEAREST)[0].numpy()
 
 
 def iterate_split(shard_dir: str, split: str, rank: int, world_size: int):
