@@ -174,6 +174,37 @@ def test_pointing_game_chance_is_the_mean_hit_of_a_random_peak():
     assert _point_and_overlap(rng.random(grid), region)[2] == pytest.approx(reference)
 
 
+def test_segmentation_head_learns_a_region_the_tokens_carry():
+    """Tokens that say which patches hold the finding: the few-shot head must segment it (Dice near 1 with all
+    masks), the soft targets are the covered fraction of each loss cell, and images without a mask count as
+    empty in training."""
+    from mlip_dist.evaluation.extract import EvalFeatures
+    from mlip_dist.evaluation.tasks import _soft_targets, loss_resolution, segmentation
+
+    rng = np.random.default_rng(0)
+    grid, size, n = (4, 4), 32, 80
+    inside = rng.random((n, 16)) < 0.3
+    masks = [np.kron(row.reshape(grid), np.ones((8, 8))).astype(np.uint16) << 2 for row in inside]  # bit 2
+    tokens = (np.stack([inside, ~inside], -1) + 0.1 * rng.standard_normal((n, 16, 2))).astype(np.float16)
+
+    def split(index):
+        return EvalFeatures(keys=[str(i) for i in index], meta=[{}] * len(index), image_global=np.zeros((len(index), 2)),
+                            image_embedding=np.zeros((len(index), 2)), patch_tokens=tokens[index],
+                            masks=[masks[i] for i in index])
+
+    train, test = split(np.arange(60)), split(np.arange(60, n))
+    train.masks[0] = None  # no mask: empty targets, not an error
+    results = segmentation(train, test, grid=grid, image_size=size, channels=[2], channel_names=["Lesion"],
+                           epochs=60)
+    assert results["100%"]["dice"] > 0.9
+    assert loss_resolution(grid, size) == 16 and loss_resolution((16, 16), 32) == 32
+    half = np.zeros((32, 32), dtype=np.uint16)
+    half[:, :1] = 1  # half of each 2-pixel cell in column 0
+    soft = _soft_targets([None, half], None, 16, chunk=1)
+    assert soft.shape == (2, 1, 16, 16) and soft[0].sum() == 0
+    assert torch.allclose(soft[1, 0, :, 0], torch.full((16,), 0.5)) and soft[1, 0, :, 1:].sum() == 0
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_same_metrics_as_one(run_dir, synthetic_shards, tmp_path):
     outputs = {}

@@ -219,10 +219,13 @@ def linear_probe(train: EvalFeatures, test: EvalFeatures, classes: list[str], se
     return results
 
 
-def _mask_channels(masks: list[np.ndarray | None], channels: list[int] | None) -> np.ndarray:
-    """(N, C, H, W) float targets: bit channels of 16-bit region masks, or one binary channel."""
-    stacked = np.stack([m if m is not None else np.zeros_like(next(x for x in masks if x is not None))
-                        for m in masks])
+def _mask_channels(masks: list[np.ndarray | None], channels: list[int] | None,
+                   like: np.ndarray | None = None) -> np.ndarray:
+    """(N, C, H, W) float targets: bit channels of 16-bit region masks, or one binary channel.
+
+    An image without a mask (None) gets empty channels shaped like ``like`` (default: the first mask)."""
+    like = next(x for x in masks if x is not None) if like is None else like
+    stacked = np.stack([m if m is not None else np.zeros_like(like) for m in masks])
     if channels is None:
         return (stacked > 0).astype(np.float32)[:, None]
     return np.stack([((stacked >> bit) & 1).astype(np.float32) for bit in channels], 1)
@@ -237,11 +240,30 @@ class SegmentationHead(torch.nn.Module):
         self.net = torch.nn.Sequential(torch.nn.Conv2d(width, hidden, 3, padding=1), torch.nn.ReLU(),
                                        torch.nn.Conv2d(hidden, channels, 1))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Logits (B, C, size, size); ``size`` defaults to the image size."""
         b, k, d = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, d, *self.grid)
-        return F.interpolate(self.net(grid), size=(self.image_size, self.image_size), mode="bilinear",
-                             align_corners=False)
+        size = self.image_size if size is None else size
+        return F.interpolate(self.net(grid), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def loss_resolution(grid: tuple[int, int], image_size: int) -> int:
+    """Side of the soft targets a segmentation head trains against: 4x the patch grid, at most the image.
+
+    The head predicts on the patch grid and upsamples bilinearly, so targets finer than a few pixels per
+    patch add cost (the loss over full-size masks was most of an evaluation's time), not information."""
+    return min(image_size, 4 * max(grid))
+
+
+def _soft_targets(masks: list[np.ndarray | None], channels: list[int] | None, size: int,
+                  chunk: int = 256) -> torch.Tensor:
+    """(N, C, size, size) float: the mask channels area-averaged to ``size`` (the fraction of each cell covered),
+    built in chunks so the full-resolution float masks of a large split never exist at once."""
+    like = next(x for x in masks if x is not None)
+    parts = [F.interpolate(torch.from_numpy(_mask_channels(masks[i:i + chunk], channels, like)), size=(size, size),
+                           mode="area") for i in range(0, len(masks), chunk)]
+    return torch.cat(parts)
 
 
 def _images_to_tensor(images: np.ndarray, in_chans: int) -> torch.Tensor:
@@ -260,7 +282,8 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
 
     ``encoder=None``: frozen encoder (precomputed patch tokens) + light head. With an image encoder, a copy
     of it is fine-tuned with the head for each fraction (needs ``EvalFeatures.images``).
-    Dice is averaged over (test image, channel) pairs whose ground truth is non-empty.
+    Dice is averaged over (test image, channel) pairs whose ground truth is non-empty, at full resolution;
+    the heads train against the masks area-averaged to ``loss_resolution(grid, image_size)``.
     The heads train on ``device`` (default: the encoder's, else the CPU); the masks are full-resolution,
     so on a GPU node this is where the evaluation job spends most of its time otherwise.
     """
@@ -274,7 +297,8 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
         return {"skipped": "fine-tuning needs the images (extract with with_images=True)"}
     if device is None:
         device = next(encoder.parameters()).device if encoder is not None else torch.device("cpu")
-    y_train = torch.from_numpy(_mask_channels(train.masks, channels)).to(device)
+    train_size = loss_resolution(grid, image_size)
+    y_train = _soft_targets(train.masks, channels, train_size).to(device)
     y_test = _mask_channels(test.masks, channels)
     results: dict[str, Any] = {"channels": channel_names, "encoder": "frozen" if encoder is None else "fine-tuned"}
     for fraction in FEW_SHOT_FRACTIONS:
@@ -299,7 +323,7 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
         for _ in range(epochs):
             for start in range(0, len(subset), 16):
                 index = subset[start:start + 16]
-                logits = head(tokens(train, index))
+                logits = head(tokens(train, index), size=train_size)
                 target = y_train[index.to(device)]
                 probs = torch.sigmoid(logits)
                 dice = 1 - (2 * (probs * target).sum((2, 3)) + 1) / (probs.sum((2, 3)) + target.sum((2, 3)) + 1)
