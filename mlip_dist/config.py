@@ -90,7 +90,7 @@ class TextEncoderConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     vocab_size: int = 30522
-    max_length: int = 256
+    max_length: int = 256  # tokens per report, [CLS] and [SEP] included: tokenisation in training and evaluation
     pool: GlobalPool = GlobalPool.CLS
     freeze_layers: int = 0  # freeze embeddings + the first k layers (CPU demo)
     dropout: float | None = None  # hidden + attention dropout override; None keeps the model's own
@@ -142,9 +142,8 @@ class DataConfig:
     shards: str = "shards/synthetic"  # folder with dataset.json
     train_split: str = "train"
     val_split: str = "validate"
-    image_size: int = 224
-    max_sentences: int = 16
-    max_length: int = 256
+    # Image size, report length (tokens) and sentences per report are the model's: model.image.image_size,
+    # model.text.max_length, model.max_sentences.
     num_workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = False

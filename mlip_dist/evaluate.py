@@ -102,7 +102,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     wanted = TASKS if args.task == "all" else (args.task,)
     needs_train = any(t in wanted for t in ("linear_probe", "segmentation")) and args.train_split in dataset_info["splits"]
     image_cfg = config.model.image
-    common = dict(image_size=image_cfg.image_size, in_chans=image_cfg.in_chans, max_length=config.data.max_length,
+    common = dict(image_size=image_cfg.image_size, in_chans=image_cfg.in_chans, max_length=config.model.text.max_length,
                   max_sentences=config.model.max_sentences, batch_size=args.batch_size, rank=rank,
                   world_size=world_size, device=device, progress=not args.no_progress)
     logger.info("evaluating %s on %s (%s, %d classes), tasks %s, %d rank(s)", loaded.tag_dir, args.data, kind,
@@ -127,7 +127,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     prompt_features = {}
     if "zero_shot" in wanted or ("grounding" in wanted and kind != "reports"):
         prompt_features = tasks.encode_prompts(model, tokenizer, {c: prompts[c] for c in classes if c in prompts},
-                                               config.data.max_length, device)
+                                               config.model.text.max_length, device)
     if "zero_shot" in wanted:
         if kind == "chexpert5x200":
             results["zero_shot"] = tasks.zero_shot_multiclass(test, prompt_features, classes, **score_kwargs)

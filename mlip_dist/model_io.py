@@ -51,6 +51,25 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return checkpoints.parent, checkpoints / tag
 
 
+# Fields older runs' config.json files carry that are now the model's (one source of truth).
+_MOVED_DATA_FIELDS = ("image_size", "max_sentences", "max_length")
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config in the current schema. Runs before the data section lost its copies of the model's
+    sizes tokenised with ``data.max_length``; that value becomes ``model.text.max_length`` (the tokenisation
+    length now), so evaluation and export read the reports as the run was trained on them."""
+    data_section = data.get("data") or {}
+    if not any(key in data_section for key in _MOVED_DATA_FIELDS):
+        return data
+    data = {**data, "data": {k: v for k, v in data_section.items() if k not in _MOVED_DATA_FIELDS}}
+    if "max_length" in data_section:
+        model = dict(data.get("model") or {})
+        model["text"] = {**(model.get("text") or {}), "max_length": data_section["max_length"]}
+        data["model"] = model
+    return data
+
+
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     """Build the model of a run from its config and load its consolidated fp32 weights (safetensors)."""
     from safetensors.torch import load_file
@@ -61,7 +80,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} not found: the run folder must hold the resolved training config")
-    config = from_dict(MLIPConfig, json.loads(config_path.read_text()))
+    config = from_dict(MLIPConfig, upgrade_config(json.loads(config_path.read_text())))
     weights = tag_dir / CONSOLIDATED_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(

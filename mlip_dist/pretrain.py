@@ -179,7 +179,7 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
         config.data.shards, config.data.train_split, tokenizer=tokenizer, rank=rank, world_size=world_size,
         micro_batch_size=micro_batch, global_batch_size=train_cfg.global_batch_size,
         image_size=config.model.image.image_size, in_chans=config.model.image.in_chans,
-        max_length=config.data.max_length, max_sentences=config.model.max_sentences,
+        max_length=config.model.text.max_length, max_sentences=config.model.max_sentences,
         num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
         resampled=config.data.resampled, augment=config.data.augment, seed=config.data.seed, start_batch=step,
     )

@@ -94,7 +94,7 @@ def test_zero_shot_and_retrieval_match_a_plain_recomputation(run_dir, synthetic_
                   for s in samples]
         reports = []
         for s in samples:
-            tokens = tokenize_with_spans(tokenizer, [json.loads(s["json"])["sentences"]], config.data.max_length,
+            tokens = tokenize_with_spans(tokenizer, [json.loads(s["json"])["sentences"]], config.model.text.max_length,
                                          config.model.max_sentences)
             reports.append(model.encode_text(*tokens).report_features[0])
     image_matrix, report_matrix = torch.stack(images).numpy(), torch.stack(reports).numpy()
@@ -106,7 +106,7 @@ def test_zero_shot_and_retrieval_match_a_plain_recomputation(run_dir, synthetic_
     prompt = load_prompts()[name]
     with torch.no_grad():
         def mean_prompt(texts):
-            tokens = tokenize_with_spans(tokenizer, [[t] for t in texts], config.data.max_length, 1)
+            tokens = tokenize_with_spans(tokenizer, [[t] for t in texts], config.model.text.max_length, 1)
             return model.encode_text(*tokens).report_features.numpy()
 
         pos, neg = mean_prompt(prompt.positive), mean_prompt(prompt.negative)

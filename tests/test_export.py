@@ -227,6 +227,21 @@ def test_conv_patch_stem_export(tmp_path, minilm_path):
     check_readme_snippet(tmp_path / "export", model, tmp_path)
 
 
+def test_run_saved_with_the_old_data_length_fields_loads_and_exports_its_trained_length(tmp_path, minilm_path):
+    """Runs from before data.max_length / image_size / max_sentences moved to the model: their tokenisation
+    length was data.max_length, and evaluation and export must keep reading reports that way."""
+    run_dir, model = make_run(tmp_path / "run", minilm_path)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["text"]["max_length"] == 64
+    saved["data"].update(image_size=224, max_sentences=16, max_length=40)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    from mlip_dist.model_io import load_run
+
+    loaded = load_run(run_dir)
+    assert loaded.config.model.text.max_length == 40
+    assert export_run(run_dir, tmp_path / "export").manifest.max_length == 40
+
+
 def test_overwrite_protection_and_clear_errors(tmp_path, minilm_path, capsys):
     run_dir, _ = make_run(tmp_path / "run", minilm_path)
     out = tmp_path / "export"

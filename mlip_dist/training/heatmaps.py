@@ -43,7 +43,7 @@ class HeatmapLogger:
                 continue
             if len(samples) == num_pairs:
                 break
-        collate = Collator(tokenizer, config.data.max_length, config.model.max_sentences)
+        collate = Collator(tokenizer, config.model.text.max_length, config.model.max_sentences)
         self.batch = collate(samples).to(device)
         self.sentences = [s.sentences for s in samples]
         self.loss_config = config.loss

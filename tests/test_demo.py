@@ -1,0 +1,48 @@
+"""tools/demo.py, the README's quick start, end to end at a tiny size: every stage runs through the same
+commands as `make demo` (synthetic MIMIC-CXR, make_shards, evaluation shards, the deepspeed launcher on 2
+CPU ranks, four evaluations), the tables are printed, and a second run resumes without redoing anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlip_dist.launching import launch_environment
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_resumes(tmp_path, minilm_path):
+    out = tmp_path / "demo"
+    command = [sys.executable, "tools/demo.py", "--out", str(out), "--studies", "60", "--steps", "3",
+               "--eval-images", "24", "--seg-epochs", "2"]
+    first = subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    stages = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
+    assert len(stages) == 9, stages
+    for index, tool in enumerate(["tools/make_synthetic.py", "tools/make_shards.py"] + ["tools/make_eval_shards.py"] * 3):
+        assert f" {tool} " in stages[index], (tool, stages[index])
+    assert "deepspeed" in stages[5].split()[1] and "--num_gpus 2" in stages[5] and "pretrain.py" in stages[5]
+    assert all("evaluate.py" in stage for stage in stages[6:])
+
+    summary = json.loads((out / "run" / "train_summary.json").read_text())
+    assert summary["step"] == 3 and len(summary["loss_history"]) == 3
+    assert any((out / "run" / "tensorboard").iterdir())
+    synthetic = json.loads((out / "eval" / "synthetic" / "results.json").read_text())
+    for task in ("zero_shot", "retrieval", "linear_probe", "segmentation", "grounding"):
+        assert task in synthetic and "skipped" not in synthetic[task], task
+    for benchmark in ("chexpert5x200", "rsna", "siim"):
+        assert json.loads((out / "eval" / benchmark / "results.json").read_text())["zero_shot"], benchmark
+    for heading in ("## synthetic", "## chexpert5x200", "## rsna", "## siim"):
+        assert heading in first.stdout
+    assert "pre-training: 3 steps" in first.stdout and "TensorBoard: tensorboard --logdir" in first.stdout
+
+    again = subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # every stage reused
+    assert "## synthetic" in again.stdout
