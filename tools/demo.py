@@ -2,7 +2,8 @@
 """The whole method on this machine: synthetic MIMIC-CXR -> shards -> 2-rank DeepSpeed pre-training ->
 every evaluation task, with the result table printed at the end.
 
-    python tools/demo.py --out runs/demo [--studies 1200] [--steps 200] [--ranks 2]
+    python tools/demo.py --out runs/demo [--studies 1200] [--steps 200] [--ranks 2] [--eval-images 400]
+        [--seg-epochs 60]
 
 Each stage is skipped when its output already exists, so a re-run after an interruption continues.
 Commands run are printed, so the same steps can be reproduced by hand (see README).
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--eval-images", type=int, default=400, help="CheXpert-style images (RSNA, SIIM: half each)")
+    parser.add_argument("--seg-epochs", type=int, default=60, help="few-shot segmentation head epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=CONFIG)
     args = parser.parse_args(argv)
@@ -51,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (raw / "mimic-cxr-2.0.0-split.csv.gz").is_file():
         run([python, "tools/make_synthetic.py", "--out", str(raw), "--studies", str(args.studies), "--seed",
-             str(args.seed), "--format", "dicom", "--image-size", "320", "--eval-images", "400", "--workers", "2"], env)
+             str(args.seed), "--format", "dicom", "--image-size", "320", "--eval-images", str(args.eval_images), "--workers", "2"], env)
+    # 100 pairs a shard for the default 1200 studies; smaller sets get smaller shards, so that every rank's
+    # loader worker still owns one (the loader refuses a rank without a shard).
+    shard_size = max(4, min(100, args.studies // 12))
     if not (shards / "dataset.json").is_file():
         run([python, "tools/make_shards.py", "--root", str(raw), "--out", str(shards), "--size", "128",
-             "--shard-size", "100", "--workers", "2"], env)
+             "--shard-size", str(shard_size), "--workers", "2"], env)
     for benchmark, source in (("chexpert5x200", "chexpert"), ("rsna", "rsna"), ("siim", "siim")):
         if not (out / benchmark / "dataset.json").is_file():
             run([python, "tools/make_eval_shards.py", "--benchmark", benchmark, "--root", str(raw / source), "--out",
@@ -67,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
              str(run_dir), "--train.max_steps", str(args.steps), "--train.seed", str(args.seed)], env)
 
     evaluate = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", "29533",
-                str(REPO / "mlip_dist" / "evaluate.py"), "--checkpoint", str(run_dir), "--no-progress"]
+                str(REPO / "mlip_dist" / "evaluate.py"), "--checkpoint", str(run_dir), "--no-progress",
+                "--seg-epochs", str(args.seg_epochs)]
     tables = {}
     for name, data, split in (("synthetic", shards, "test"), ("chexpert5x200", out / "chexpert5x200", "test"),
                               ("rsna", out / "rsna", "test"), ("siim", out / "siim", "test")):
