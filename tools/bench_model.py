@@ -9,6 +9,8 @@ mode) with a scalar loss over its global embedding and visible patch tokens:
 1. masking: ``mask_ratio`` 0.5 vs 0 (no masking). Target: time ratio <= 0.6.
 2. gradient checkpointing (per block, ``torch.utils.checkpoint``, non-reentrant) vs none, both
    unmasked. Target: peak memory ratio <= 0.5 at time ratio <= 1.4.
+3. the conv patch stem (``model.image.stem: conv``, ``--stem-width``) vs timm's linear patch embedding,
+   same ViT, at mask 0 and 0.5: what the stem costs (what it buys is measured by the study, RESULTS.md).
 
 Timing: settings are interleaved within each repeat (so a load change on a shared CPU hits all of
 them alike); the median over repeats is reported, after one warm-up step per setting.
@@ -26,6 +28,7 @@ freed inside it. Unlike process RSS this does not depend on the C allocator retu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +37,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from mlip_dist.config import ImageEncoderConfig
+from mlip_dist.config import ImageEncoderConfig, PatchStem
 from mlip_dist.models.image_encoder import ImageEncoder
 
 
@@ -83,12 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--width", type=int, default=None, help="ViT width override (e.g. 128, the study's)")
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--stem-width", type=int, default=16)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    config = ImageEncoderConfig(name=args.model, image_size=args.image_size, patch_size=args.patch_size)
+    config = ImageEncoderConfig(name=args.model, image_size=args.image_size, patch_size=args.patch_size,
+                                width=args.width, depth=args.depth, num_heads=args.heads)
     encoder = ImageEncoder(config).train()
+    conv_encoder = ImageEncoder(dataclasses.replace(config, stem=PatchStem.CONV, stem_width=args.stem_width)).train()
     images = torch.randn(args.batch, config.in_chans, args.image_size, args.image_size)
     n_params = sum(p.numel() for p in encoder.parameters()) / 1e6
     print(
@@ -97,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}"
     )
 
-    def run(mask_ratio: float, checkpointing: bool) -> Callable[[], None]:
+    def run(mask_ratio: float, checkpointing: bool, model: ImageEncoder = encoder) -> Callable[[], None]:
         def step() -> None:
-            encoder.set_gradient_checkpointing(checkpointing)
-            step_loss(encoder, images, mask_ratio).backward()
+            model.set_gradient_checkpointing(checkpointing)
+            step_loss(model, images, mask_ratio).backward()
 
         return step
 
@@ -108,14 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         "mask 0.0": run(0.0, False),
         "mask 0.5": run(0.5, False),
         "mask 0.0 + checkpointing": run(0.0, True),
+        "conv stem, mask 0.0": run(0.0, False, conv_encoder),
+        "conv stem, mask 0.5": run(0.5, False, conv_encoder),
     }
     times: dict[str, list[float]] = {name: [] for name in settings}
     for step in settings.values():
         encoder.zero_grad(set_to_none=True)
+        conv_encoder.zero_grad(set_to_none=True)
         step()  # warm-up
     for _ in range(args.repeats):
         for name, step in settings.items():
             encoder.zero_grad(set_to_none=True)
+            conv_encoder.zero_grad(set_to_none=True)
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
@@ -144,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(2) gradient checkpointing vs none: autograd graph memory ratio {ckpt_memory:.2f}x (target <= 0.50x), "
         f"time ratio {ckpt_time:.2f}x (target <= 1.40x)"
     )
+    conv_params = sum(p.numel() for p in conv_encoder.vit.patch_embed.parameters()) / 1e6
+    print(f"(3) conv patch stem (width {args.stem_width}, {conv_params:.2f}M params) vs linear: time ratio "
+          f"{median['conv stem, mask 0.0'] / median['mask 0.0']:.2f}x unmasked, "
+          f"{median['conv stem, mask 0.5'] / median['mask 0.5']:.2f}x at mask 0.5")
     return 0
 
 
