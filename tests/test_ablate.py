@@ -48,6 +48,17 @@ def test_table_means_spreads_and_seed_column(ablate):
     assert dict(zip(names, [c.strip() for c in rows["d"].split("|")[1:-1]], strict=True))["zero-shot AUC (combined)"] == "0.800 ± 0.000"
 
 
+def test_per_seed_table_has_one_line_per_run_in_seed_order(ablate):
+    results = {"a": {2: fake_results(0.75, None), 0: fake_results(0.70, 0.10)}, "d": {1: fake_results(0.80, 0.30)}}
+    lines = ablate.per_seed_table(results).splitlines()
+    names = ["row", "seed", *ablate.METRICS]
+    assert [cell.strip() for cell in lines[0].split("|")[1:-1]] == names
+    runs = [dict(zip(names, [c.strip() for c in line.split("|")[1:-1]], strict=True)) for line in lines[2:]]
+    assert [(run["row"], run["seed"]) for run in runs] == [("a", "0"), ("a", "2"), ("d", "1")]
+    assert runs[0]["zero-shot AUC (combined)"] == "0.700" and runs[0]["seg Dice 1%"] == "0.100"
+    assert runs[1]["seg Dice 1%"] == "n/a" and runs[2]["i2r R@10"] == "0.400"
+
+
 def test_report_mode_tabulates_finished_runs_only(ablate, tmp_path, capsys):
     for row, seed, auc in (("a", 0, 0.6), ("a", 2, 0.8), ("d", 0, 0.9)):
         eval_dir = tmp_path / f"{row}_seed{seed}" / "eval"
@@ -58,7 +69,9 @@ def test_report_mode_tabulates_finished_runs_only(ablate, tmp_path, capsys):
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["a"]["seeds"] == [0, 2] and summary["a"]["zero-shot AUC (combined)"] == [0.6, 0.8]
     assert summary["d"]["seeds"] == [0]
-    assert "| a: global only (CLIP-style) | 0,2 | 0.700 ± 0.141 |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| a: global only (CLIP-style) | 0,2 | 0.700 ± 0.141 |" in report
+    assert "| a | 2 | 0.800 |" in report and "| d | 0 | 0.900 |" in report
 
 
 def test_a_failed_run_is_reported_and_the_others_are_tabulated(ablate, tmp_path, monkeypatch, capsys):

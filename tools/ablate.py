@@ -47,6 +47,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 METRICS: dict[str, tuple[str, ...]] = {
     "zero-shot AUC (combined)": ("zero_shot", "mean_auc_combined"),
     "zero-shot AUC (global)": ("zero_shot", "mean_auc_global"),
+    "zero-shot AUC (local OT)": ("zero_shot", "mean_auc_local"),
     "i2r R@10": ("retrieval", "image_to_report", "R@10"),
     "r2i R@10": ("retrieval", "report_to_image", "R@10"),
     "probe AUC 1%": ("linear_probe", "1%", "mean_auc"),
@@ -123,6 +124,16 @@ def table(results: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", summary
 
 
+def per_seed_table(results: dict[str, dict[int, dict]]) -> str:
+    """Markdown table with one line per finished run (row, seed), the same metrics as ``table``."""
+    lines = ["| row | seed | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
+    for row, runs in results.items():
+        for seed in sorted(runs):
+            values = (lookup(runs[seed], path) for path in METRICS.values())
+            lines.append(f"| {row} | {seed} | " + " | ".join("n/a" if np.isnan(v) else f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, required=True)
@@ -157,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append(f"row {row} seed {seed}: exit {err.returncode}, see {args.out / f'{row}_seed{seed}.log'}")
     markdown, summary = table(results)
     command = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / "results.md").write_text(f"Command: `{command}`\n\n{markdown}")
+    (args.out / "results.md").write_text(f"Command: `{command}`\n\n{markdown}\nPer run:\n\n{per_seed_table(results)}")
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     print(markdown)
     for failure in failed:
