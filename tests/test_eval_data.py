@@ -2,16 +2,15 @@
 prompt sets and the shard packer (tools/make_eval_shards.py) on tiny data in the public layouts."""
 
 import csv
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import load_tool
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
@@ -22,15 +21,7 @@ from mlip_dist.evaluation import benchmarks as B
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_eval_shards", REPO / "tools" / "make_eval_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("make_eval_shards")
 
 
 # --------------------------------------------------------------------------- fixtures in the public layouts

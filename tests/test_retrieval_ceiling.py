@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from mlip_dist.data.loader import iterate_tar_samples, read_dataset_info
 from mlip_dist.data.mimic import CHEXPERT_LABELS
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def ceiling():
-    spec = importlib.util.spec_from_file_location("retrieval_ceiling", REPO / "tools" / "retrieval_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("retrieval_ceiling")
 
 
 def test_distinct_label_sets_are_retrieved_exactly(ceiling):

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
+from conftest import load_tool
 from transformers import AutoTokenizer
 
 from mlip_dist.config import TextEncoderConfig
 from mlip_dist.text import load_tokenizer, tokenize_with_spans
 from mlip_dist.text.tokenize import join_sentences
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_REPORTS = [
     ["The heart size is normal.", "There is no pneumothorax."],
@@ -26,14 +24,6 @@ TRAIN_REPORTS = [
     ["Interval increase in bilateral effusions.", "Atelectasis at the left base ___ noted."],
 ] * 4
 VALIDATE_ONLY_WORD = "zygomorphic"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "tools" / "train_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_shard(path: Path, reports: list[list[str]], split: str) -> None:
@@ -57,7 +47,7 @@ def trained_tokenizer(tmp_path_factory):
         shards / "validate-000000.tar", [[f"{VALIDATE_ONLY_WORD} {VALIDATE_ONLY_WORD} lesion."]] * 5, "v"
     )
     out = tmp_path_factory.mktemp("tok") / "wordpiece"
-    tool = _load_tool()
+    tool = load_tool("train_tokenizer")
     assert (
         tool.main(["--shards", str(shards), "--out", str(out), "--vocab-size", "300", "--min-frequency", "1"])
         == 0

@@ -37,6 +37,7 @@ from mlip_dist.data.loader import (  # noqa: E402
 )
 from mlip_dist.data.mimic import CHEXPERT_LABELS  # noqa: E402
 from mlip_dist.evaluation.metrics import roc_auc  # noqa: E402
+from mlip_dist.evaluation.tasks import chexpert_target  # noqa: E402
 from mlip_dist.models.image_encoder import ImageEncoder  # noqa: E402
 from mlip_dist.training.schedule import cosine_with_warmup  # noqa: E402
 
@@ -48,8 +49,7 @@ def read_split(shards: Path, split: str) -> tuple[list[torch.Tensor], np.ndarray
         for sample in iterate_tar_samples(shard, on_error=lambda name, err: print(f"skipped in {name}: {err}")):
             meta = json.loads(sample["json"])
             images.append(decode_image(sample.get("png", sample.get("jpg"))))
-            values = [meta["labels"].get(name) for name in CHEXPERT_LABELS]
-            labels.append([np.nan if v == -1 else 1.0 if v == 1 else 0.0 for v in values])
+            labels.append([chexpert_target(meta["labels"].get(name)) for name in CHEXPERT_LABELS])
     return images, np.array(labels, dtype=np.float64)
 
 

@@ -121,14 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         "conv stem, mask 0.5": run(0.5, False, conv_encoder),
     }
     times: dict[str, list[float]] = {name: [] for name in settings}
+
+    def clear_gradients() -> None:
+        for model in (encoder, conv_encoder):
+            model.zero_grad(set_to_none=True)
+
     for step in settings.values():
-        encoder.zero_grad(set_to_none=True)
-        conv_encoder.zero_grad(set_to_none=True)
+        clear_gradients()
         step()  # warm-up
     for _ in range(args.repeats):
         for name, step in settings.items():
-            encoder.zero_grad(set_to_none=True)
-            conv_encoder.zero_grad(set_to_none=True)
+            clear_gradients()
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)

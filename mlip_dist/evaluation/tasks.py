@@ -87,14 +87,18 @@ def zero_shot_scores(features: EvalFeatures, prompt: PromptFeatures, *, logit_sc
     return scores
 
 
+def chexpert_target(value: Any) -> float:
+    """A CheXpert label as a binary target: 1 positive, NaN uncertain (-1), 0 negative or not mentioned."""
+    return np.nan if value == -1 else 1.0 if value == 1 else 0.0
+
+
 def binary_labels(features: EvalFeatures, class_name: str) -> np.ndarray:
     """1 / 0 per image, NaN where unknown: CheXpert labels (1 positive, 0 or not mentioned negative,
     -1 uncertain unknown) or an eval benchmark's binary ``label``."""
     values = []
     for meta in features.meta:
         if "labels" in meta and isinstance(meta["labels"], dict) and class_name in meta["labels"]:
-            value = meta["labels"][class_name]
-            values.append(np.nan if value == -1 else 1.0 if value == 1 else 0.0)
+            values.append(chexpert_target(meta["labels"][class_name]))
         elif "label" in meta:
             values.append(float(meta["label"]))
         else:
@@ -284,8 +288,7 @@ def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, in
     of it is fine-tuned with the head for each fraction (needs ``EvalFeatures.images``).
     Dice is averaged over (test image, channel) pairs whose ground truth is non-empty, at full resolution;
     the heads train against the masks area-averaged to ``loss_resolution(grid, image_size)``.
-    The heads train on ``device`` (default: the encoder's, else the CPU); the masks are full-resolution,
-    so on a GPU node this is where the evaluation job spends most of its time otherwise.
+    The heads train on ``device`` (default: the encoder's, else the CPU).
     """
     import copy
 
