@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,23 +60,102 @@ class ZeroStage(int, enum.Enum):
     ZERO3 = 3
 
 
+class Precision(str, enum.Enum):
+    """Training precision: bf16 where the hardware supports it (auto), or forced."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+SEED_MAX = 2**32 - 1  # numpy's limit; torch and random accept it too
+
+
+def _number(value: float | None) -> str:
+    """A bound as people write it: 1, 0.5, 1e-06, 4294967295."""
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number: ``ge``/``gt`` a lower bound (inclusive/exclusive), ``le``/``lt`` an upper one.
+
+    Declared next to each numeric config field (``bounded``) and each numeric command-line option
+    (``mlip_dist.cli_types``). Floats must also be finite: NaN and infinities are never in range.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ge is not None and self.gt is not None) or (self.le is not None and self.lt is not None):
+            raise TypeError(f"{self!r}: give at most one lower and one upper bound")
+
+    @property
+    def low(self) -> float | None:
+        return self.ge if self.ge is not None else self.gt
+
+    @property
+    def high(self) -> float | None:
+        return self.le if self.le is not None else self.lt
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self, finite: bool = False) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``; with ``finite``: ``a finite number > 0``."""
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            text = f"in {'[' if self.ge is not None else '('}{low}, {high}{']' if self.le is not None else ')'}"
+        elif self.low is not None:
+            text = f"{'>=' if self.ge is not None else '>'} {low}"
+        elif self.high is not None:
+            text = f"{'<=' if self.le is not None else '<'} {high}"
+        else:
+            return "a finite number" if finite else "any number"
+        return f"a finite number {text}" if finite else text
+
+    def problem(self, value: float) -> str | None:
+        """None when ``value`` is in range, else ``out of range: must be ...``."""
+        if value in self:
+            return None
+        return f"out of range: must be {self.describe(finite=isinstance(value, float))}"
+
+
+RANGE = "range"  # the dataclass field metadata key of a numeric field's Range
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A config field with its valid range: ``save_every: int = bounded(500, ge=1)``. None, where the
+    annotation allows it, is always valid (it means "the default behaviour"); ``validate`` checks the rest."""
+    return field(default=default, metadata={RANGE: Range(ge=ge, gt=gt, le=le, lt=lt)})
+
+
 @dataclass
 class ImageEncoderConfig:
     """A timm Vision Transformer by name plus overrides (METHOD.md, Encoders)."""
 
     name: str = "vit_base_patch16_224"
-    image_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    width: int | None = None  # timm embed_dim override
-    depth: int | None = None
-    num_heads: int | None = None
+    image_size: int = bounded(224, ge=1)
+    patch_size: int = bounded(16, ge=1)  # image_size must be a multiple; a power of two >= 4 for stem conv
+    in_chans: int = bounded(3, ge=1)
+    width: int | None = bounded(None, ge=1)  # timm embed_dim override
+    depth: int | None = bounded(None, ge=1)
+    num_heads: int | None = bounded(None, ge=1)
     checkpoint: str | None = None  # local timm checkpoint (.safetensors / .pth / .bin); never downloaded
-    mask_ratio: float = 0.5
+    mask_ratio: float = bounded(0.5, ge=0.0, lt=1.0)
     pool: GlobalPool = GlobalPool.CLS
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = bounded(0.0, ge=0.0, lt=1.0)
     stem: PatchStem = PatchStem.LINEAR
-    stem_width: int = 16  # channels of the conv stem's first stage (doubled at each later stage)
+    stem_width: int = bounded(16, ge=1)  # channels of the conv stem's first stage (doubled at each later stage)
 
 
 @dataclass
@@ -85,24 +165,25 @@ class TextEncoderConfig:
     path: str | None = None  # local transformers model folder (weights + config)
     tokenizer: str | None = None  # local tokenizer folder; defaults to `path`
     # Random-init architecture, used when `path` is None.
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    vocab_size: int = 30522
-    max_length: int = 256  # tokens per report, [CLS] and [SEP] included: tokenisation in training and evaluation
+    hidden_size: int = bounded(768, ge=1)
+    num_layers: int = bounded(12, ge=1)
+    num_heads: int = bounded(12, ge=1)
+    intermediate_size: int = bounded(3072, ge=1)
+    vocab_size: int = bounded(30522, ge=1)
+    # Tokens per report, [CLS] and [SEP] included (so at least 3): tokenisation in training and evaluation.
+    max_length: int = bounded(256, ge=3)
     pool: GlobalPool = GlobalPool.CLS
-    freeze_layers: int = 0  # freeze embeddings + the first k layers (CPU demo)
-    dropout: float | None = None  # hidden + attention dropout override; None keeps the model's own
+    freeze_layers: int = bounded(0, ge=0)  # freeze embeddings + the first k layers (CPU demo)
+    dropout: float | None = bounded(None, ge=0.0, lt=1.0)  # hidden + attention dropout override; None keeps the model's own
 
 
 @dataclass
 class DecoderConfig:
     """Light MAE-style decoder for masked image prediction (METHOD.md, Losses 4)."""
 
-    width: int = 384
-    depth: int = 4
-    num_heads: int = 6
+    width: int = bounded(384, ge=1)
+    depth: int = bounded(4, ge=1)
+    num_heads: int = bounded(6, ge=1)
     norm_pix_loss: bool = True
     pos_embed: PositionEmbedding = PositionEmbedding.SINCOS
 
@@ -112,29 +193,29 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    embed_dim: int = 256
+    embed_dim: int = bounded(256, ge=1)
     projection: ProjectionKind = ProjectionKind.LINEAR
     gradient_checkpointing: bool = False
-    max_sentences: int = 16
+    max_sentences: int = bounded(16, ge=1)
 
 
 @dataclass
 class LossConfig:
     """Loss weights and solver settings (METHOD.md, Losses 1-4)."""
 
-    lambda_global: float = 1.0
-    lambda_local: float = 1.0
-    lambda_reconstruction: float = 1.0
-    logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
-    logit_scale_max: float = 100.0
+    lambda_global: float = bounded(1.0, ge=0.0)  # at least one of the three lambdas is > 0
+    lambda_local: float = bounded(1.0, ge=0.0)
+    lambda_reconstruction: float = bounded(1.0, ge=0.0)
+    logit_scale_init: float = bounded(2.659260036932778)  # log(1 / 0.07); any finite t
+    logit_scale_max: float = bounded(100.0, gt=0.0)
     integrity: IntegrityMode = IntegrityMode.RELATIVE
-    integrity_clip_max: float = 2.0
-    ot_epsilon: float = 0.05
-    ot_max_iter: int = 50
-    ot_tol: float = 1e-4
-    local_temperature: float = 0.1
-    local_negatives: int | None = None  # k hardest negatives per row/column; None = all
-    ot_chunk_pairs: int = 4096  # image/report pairs solved at once (memory bound)
+    integrity_clip_max: float = bounded(2.0, gt=0.0)
+    ot_epsilon: float = bounded(0.05, gt=0.0)
+    ot_max_iter: int = bounded(50, ge=1)
+    ot_tol: float = bounded(1e-4, gt=0.0)
+    local_temperature: float = bounded(0.1, gt=0.0)
+    local_negatives: int | None = bounded(None, ge=1)  # k hardest negatives per row/column; None = all
+    ot_chunk_pairs: int = bounded(4096, ge=1)  # image/report pairs solved at once (memory bound)
 
 
 @dataclass
@@ -144,38 +225,41 @@ class DataConfig:
     val_split: str = "validate"
     # Image size, report length (tokens) and sentences per report are the model's: model.image.image_size,
     # model.text.max_length, model.max_sentences.
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
+    num_workers: int = bounded(2, ge=0)
+    shuffle_buffer: int = bounded(1000, ge=0)  # 0 or 1: no shuffling within the shard stream
     resampled: bool = False
     augment: bool = True
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/mlip"
-    global_batch_size: int = 64
-    micro_batch_size: int | None = None  # per rank; default global_batch_size / world_size
-    lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.98
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    stop_at_step: int | None = None  # end this job after this step (checkpointed); the schedule keeps max_steps
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16
-    zero_stage: ZeroStage = ZeroStage.ZERO2
+    global_batch_size: int = bounded(64, ge=1)
+    micro_batch_size: int | None = bounded(None, ge=1)  # per rank; default global_batch_size / world_size
+    lr: float = bounded(1e-4, gt=0.0)
+    min_lr: float = bounded(1e-6, ge=0.0)  # <= lr
+    weight_decay: float = bounded(0.05, ge=0.0)
+    beta1: float = bounded(0.9, ge=0.0, lt=1.0)
+    beta2: float = bounded(0.98, ge=0.0, lt=1.0)
+    warmup_steps: int = bounded(100, ge=0)
+    max_steps: int = bounded(1000, ge=1)
+    # End this job after this step (<= max_steps; checkpointed); the schedule keeps max_steps.
+    stop_at_step: int | None = bounded(None, ge=1)
+    grad_clip: float = bounded(1.0, ge=0.0)  # 0: no clipping (DeepSpeed gradient_clipping)
+    precision: Precision = Precision.AUTO
+    # The ZeRO layout comes from --deepspeed_config (ds_configs/zeroN.json, its one source of truth). Set this
+    # only to assert the stage: a value that contradicts the DeepSpeed config is refused before launch.
+    zero_stage: ZeroStage | None = None
     offload: bool = False
-    save_every: int = 500
-    keep_last: int = 3
+    save_every: int = bounded(500, ge=1)
+    keep_last: int = bounded(3, ge=1)
     save_consolidated: bool = True  # also write <tag>/model.safetensors (fp32, for evaluation/export)
-    log_every: int = 10
-    image_log_every: int = 200
-    max_bad_steps: int = 5
-    collective_timeout_s: int = 600
-    seed: int = 0
+    log_every: int = bounded(10, ge=1)
+    image_log_every: int = bounded(200, ge=0)  # 0: no heat-map images
+    max_bad_steps: int = bounded(5, ge=1)
+    collective_timeout_s: int = bounded(600, ge=1)
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
 
 
 @dataclass
@@ -347,24 +431,93 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """``(T, True)`` for ``T | None``, ``(T, False)`` for ``T``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) < len(typing.get_args(annotation))
+    return annotation, False
+
+
+def declared_range(cls: type, name: str) -> Range:
+    """The Range declared on numeric field ``name`` of config dataclass ``cls`` (TypeError if none)."""
+    found = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get(RANGE)
+    if not isinstance(found, Range):
+        raise TypeError(f"{cls.__name__}.{name} is numeric but declares no valid range: use bounded(...)")
+    return found
+
+
+def _check_fields(section: Any, prefix: str) -> None:
+    """Type, range and enum checks of every field of ``section`` and its sub-sections, from the declarations."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(section, f.name)
+        kind, optional = _unwrap_optional(hints[f.name])
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            if not isinstance(value, kind):
+                raise ConfigError(f"{where}: expected a mapping of {kind.__name__} fields, got {value!r}")
+            _check_fields(value, where)
+            continue
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(f"{where} = None is not allowed")
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            try:
+                kind(value)
+            except (TypeError, ValueError):
+                choices = ", ".join(str(m.value) for m in kind)
+                raise ConfigError(f"{where} = {value!r} is not one of {choices}") from None
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} = {value!r}: expected true/false")
+        elif kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise ConfigError(f"{where} = {value!r}: expected {'a number' if kind is float else 'an integer'}")
+            problem = declared_range(type(section), f.name).problem(value)
+            if problem is not None:
+                raise ConfigError(f"{where} = {value!r} is {problem}")
+        elif kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where} = {value!r}: expected a string")
+        else:
+            raise TypeError(f"{where}: validate() does not know the field type {kind!r}")
+
+
 def validate(config: MLIPConfig) -> None:
-    """Semantic checks that types alone cannot express."""
+    """Refuse a bad config before launch, naming the dotted field, its value and the valid values.
+
+    First every field of every section against its declaration (type; Range for numbers, NaN and
+    infinities refused; the member values for enums), then the rules that tie fields together.
+    """
+    _check_fields(config, "")
     m, loss, t = config.model, config.loss, config.train
+    image, text, decoder = m.image, m.text, m.decoder
+    patch = image.patch_size
     checks = [
-        (0.0 <= m.image.mask_ratio < 1.0, "model.image.mask_ratio must be in [0, 1)"),
-        (m.image.image_size % m.image.patch_size == 0, "model.image.image_size must be a multiple of patch_size"),
-        (m.image.stem == PatchStem.LINEAR or m.image.checkpoint is None,
+        (image.image_size % patch == 0,
+         f"model.image.image_size = {image.image_size} must be a multiple of model.image.patch_size = {patch}"),
+        (image.stem == PatchStem.LINEAR or (patch >= 4 and patch & (patch - 1) == 0),
+         f"model.image.patch_size = {patch} must be a power of two >= 4 with model.image.stem = conv"),
+        (image.stem == PatchStem.LINEAR or image.checkpoint is None,
          "model.image.checkpoint needs model.image.stem=linear (a timm checkpoint has no conv stem)"),
-        (m.image.stem_width > 0, "model.image.stem_width must be positive"),
-        (m.embed_dim > 0, "model.embed_dim must be positive"),
-        (loss.ot_epsilon > 0, "loss.ot_epsilon must be positive"),
-        (loss.local_temperature > 0, "loss.local_temperature must be positive"),
-        (loss.logit_scale_max > 0, "loss.logit_scale_max must be positive"),
-        (loss.local_negatives is None or loss.local_negatives >= 1, "loss.local_negatives must be >= 1"),
-        (t.global_batch_size > 0, "train.global_batch_size must be positive"),
-        (t.lr > 0, "train.lr must be positive"),
-        (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
-        (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (image.width is None or image.num_heads is None or image.width % image.num_heads == 0,
+         f"model.image.width = {image.width} must be a multiple of model.image.num_heads = {image.num_heads}"),
+        (text.path is not None or text.hidden_size % text.num_heads == 0,
+         f"model.text.hidden_size = {text.hidden_size} must be a multiple of model.text.num_heads = "
+         f"{text.num_heads}"),
+        (text.path is not None or text.freeze_layers <= text.num_layers,
+         f"model.text.freeze_layers = {text.freeze_layers} must be <= model.text.num_layers = {text.num_layers}"),
+        (decoder.width % decoder.num_heads == 0,
+         f"model.decoder.width = {decoder.width} must be a multiple of model.decoder.num_heads = "
+         f"{decoder.num_heads}"),
+        (loss.lambda_global > 0 or loss.lambda_local > 0 or loss.lambda_reconstruction > 0,
+         "loss.lambda_global, loss.lambda_local and loss.lambda_reconstruction are all 0: nothing to train"),
+        (t.min_lr <= t.lr, f"train.min_lr = {t.min_lr!r} must be <= train.lr = {t.lr!r}"),
+        (t.stop_at_step is None or t.stop_at_step <= t.max_steps,
+         f"train.stop_at_step = {t.stop_at_step} must be <= train.max_steps = {t.max_steps}"),
     ]
     for ok, message in checks:
         if not ok:

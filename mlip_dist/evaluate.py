@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 import torch
 import torch.distributed as dist
 
+from mlip_dist.cli_types import nonnegative_int, positive_int, seed
 from mlip_dist.logging_utils import setup_logging
 
 logger = logging.getLogger("mlip_dist.evaluate")
@@ -41,13 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default <run>/eval/<data folder name>)")
     parser.add_argument("--split", default="test", help="evaluation split")
     parser.add_argument("--train-split", default="train", help="split for the few-shot tasks")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seg-epochs", type=int, default=60)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--seg-epochs", type=positive_int, default=60)
     parser.add_argument("--seg-finetune", action="store_true",
                         help="fine-tune a copy of the image encoder with the segmentation head (default: frozen)")
     parser.add_argument("--prompts", help="prompt sets JSON (default: mlip_dist/resources/prompts.json)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser.add_argument("--local_rank", "--local-rank", type=nonnegative_int,
+                        default=int(os.environ.get("LOCAL_RANK", 0)))
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 

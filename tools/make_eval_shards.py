@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -42,6 +43,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mlip_dist.cli_types import fraction, positive_int, seed
 from mlip_dist.data.dicom import ImageReadError, SkipReason, read_dicom
 from mlip_dist.data.imaging import ImageFormat, encode, quantize, read_raster, resize_shorter_side
 from mlip_dist.evaluation.benchmarks import (
@@ -281,21 +283,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--benchmark", required=True, choices=[b.value for b in Benchmark])
     parser.add_argument("--root", required=True, type=Path, help="benchmark folder in its public layout")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--size", type=int, default=512, help="shorter side of the stored images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the 5x200 draw / the splits")
-    parser.add_argument("--per-class", type=int, default=200, help="CheXpert 5x200: images per class")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--size", type=positive_int, default=512, help="shorter side of the stored images")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the 5x200 draw / the splits")
+    parser.add_argument("--per-class", type=positive_int, default=200, help="CheXpert 5x200: images per class")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
     parser.add_argument(
         "--fractions",
-        type=float,
+        type=fraction,
         nargs=3,
         default=list(DEFAULT_FRACTIONS),
         metavar=("TRAIN", "VALIDATE", "TEST"),
-        help="RSNA/SIIM split fractions (by patient / ImageId)",
+        help="RSNA/SIIM split fractions (by patient / ImageId), each in [0, 1], summing to 1",
     )
     args = parser.parse_args(argv)
-    if args.size <= 0 or args.shard_size <= 0 or args.per_class <= 0:
-        parser.error("--size, --shard-size and --per-class must be positive")
+    if not math.isclose(sum(args.fractions), 1.0, abs_tol=1e-6):
+        parser.error(f"argument --fractions: {' '.join(map(str, args.fractions))} must sum to 1")
     return args
 
 

@@ -16,9 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from mlip_dist.cli_types import enum_option, fraction, int_range, positive_int
 from mlip_dist.data.imaging import ImageFormat, Resample
 from mlip_dist.data.mimic import ImagesPerStudy, Labeler, MetadataError
-from mlip_dist.data.shard_writer import PackOptions, StartMethod, pack
+from mlip_dist.data.shard_writer import TAR_RECORD, PackOptions, StartMethod, pack
 from mlip_dist.data.verify import verify_shards
 
 
@@ -37,27 +38,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--csv-root", type=Path, help="folder with the CSVs (default: search --root, then --reports-root)"
     )
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--size", type=int, default=512, help="shorter side of the stored image")
+    p.add_argument("--workers", type=positive_int, default=1)
+    p.add_argument("--size", type=positive_int, default=512, help="shorter side of the stored image")
     p.add_argument(
         "--views", type=_csv_list, default=("PA", "AP"), help="ViewPositions kept, in preference order"
     )
-    p.add_argument("--image-format", type=ImageFormat, choices=list(ImageFormat), default=ImageFormat.PNG)
+    p.add_argument("--image-format", **enum_option(ImageFormat), default=ImageFormat.PNG)
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
-    p.add_argument("--resample", type=Resample, choices=list(Resample), default=Resample.AREA)
+    p.add_argument("--resample", **enum_option(Resample), default=Resample.AREA)
     p.add_argument(
-        "--images-per-study", type=ImagesPerStudy, choices=list(ImagesPerStudy), default=ImagesPerStudy.ONE
+        "--images-per-study", **enum_option(ImagesPerStudy), default=ImagesPerStudy.ONE
     )
-    p.add_argument("--labeler", type=Labeler, choices=list(Labeler), default=Labeler.CHEXPERT)
-    p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
+    p.add_argument("--labeler", **enum_option(Labeler), default=Labeler.CHEXPERT)
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="max samples per shard")
     p.add_argument(
-        "--max-shard-bytes", type=int, default=2**30, help="max bytes per shard (tar overhead included)"
+        "--max-shard-bytes", type=int_range(ge=TAR_RECORD), default=2**30,
+        help="max bytes per shard (tar overhead included)",
     )
     p.add_argument("--splits", type=_csv_list, default=None, help="only these splits (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N selected images (plan order)")
-    p.add_argument("--max-sentences", type=int, default=16)
-    p.add_argument("--max-error-frac", type=float, default=0.05)
-    p.add_argument("--start-method", type=StartMethod, choices=list(StartMethod), default=StartMethod.SPAWN)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N selected images (plan order)")
+    p.add_argument("--max-sentences", type=positive_int, default=16)
+    p.add_argument("--max-error-frac", type=fraction, default=0.05, help="in [0, 1]")
+    p.add_argument("--start-method", **enum_option(StartMethod), default=StartMethod.SPAWN)
     p.add_argument("--overwrite", action="store_true", help="replace shards made with other inputs/options")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
