@@ -70,6 +70,24 @@ def test_invalid_config_fails_before_any_process_group(tmp_path):
     assert time.time() - started < 60
 
 
+def test_deepspeed_settings_are_refused_before_any_process_group(tmp_path, monkeypatch):
+    """The DeepSpeed config is built before launch: a batch that does not split over the launched ranks
+    and a ZeRO stage that contradicts ds_configs/ are errors naming both values; nothing is written."""
+    import torch.distributed as dist
+
+    from mlip_dist.pretrain import main
+
+    out = tmp_path / "run"
+    base = ["--preset", "tiny", "--train.output_dir", str(out), "--train.global_batch_size", "8"]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"global_batch_size \(8\) is not divisible by the world size \(3\)"):
+        main([*base, "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.zero_stage = 3 contradicts zero_optimization.stage = 2"):
+        main([*base, "--train.zero_stage", "3", "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")])
+    assert not out.exists() and not dist.is_initialized()
+
+
 @pytest.mark.slow
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, synthetic_shards, minilm_path):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
