@@ -50,6 +50,12 @@ def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def _tar_sample_count(path: Path) -> int:
+    """Samples of a shard counted with plain tarfile: distinct keys (basename up to the first dot)."""
+    with tarfile.open(path) as archive:
+        return len({member.name.partition(".")[0] for member in archive if member.isreg()})
+
+
 @pytest.fixture(scope="module")
 def dicom_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mimic_dcm")
@@ -86,10 +92,12 @@ def test_selection_counts_and_errors(packed):
         "shards": ["train-000000.tar", "train-000001.tar"],
         "num_samples": 3,
         "shard_bytes": [(out / f"train-00000{i}.tar").stat().st_size for i in range(2)],
+        "shard_samples": [_tar_sample_count(out / f"train-00000{i}.tar") for i in range(2)],
     }
+    assert sum(dataset["splits"]["train"]["shard_samples"]) == 3
     assert dataset["splits"]["validate"]["num_samples"] == 1
     # The test split's only selected image is the zero-byte PA: listed, with no shards.
-    assert dataset["splits"]["test"] == {"shards": [], "num_samples": 0, "shard_bytes": []}
+    assert dataset["splits"]["test"] == {"shards": [], "num_samples": 0, "shard_bytes": [], "shard_samples": []}
     assert dataset["options"]["size"] == 16
 
 
@@ -233,6 +241,9 @@ def test_max_shard_bytes_and_all_images(tmp_path):
         for n, b in zip(info["shards"], info["shard_bytes"], strict=True)
     )
     assert sum(info["num_samples"] for info in dataset["splits"].values()) == 12
+    for info in dataset["splits"].values():  # the loader's per-shard counts match the tars themselves
+        assert info["shard_samples"] == [_tar_sample_count(out / n) for n in info["shards"]]
+        assert sum(info["shard_samples"]) == info["num_samples"]
     assert verify_shards(out, progress=False).ok
     assert tar_file_bytes(sum(tar_member_bytes(n) for n in (1, 512, 513))) == 10240
     # --images-per-study all on the default fixture keeps PA and AP of study 1 (not the lateral).

@@ -21,7 +21,10 @@ class MLIPBatch:
     sentence_spans: torch.Tensor  # (B, S, 2) long
     sentence_mask: torch.Tensor  # (B, S) bool
     keys: list[str] = field(default_factory=list)
-    num_skipped: int = 0  # corrupt samples the loader skipped while building this batch
+    # Loader faults met while building this batch (each replaced by a substitute sample, so the batch is full):
+    num_skipped: int = 0  # corrupt samples (undecodable image, bad JSON, no sentences)
+    num_lost: int = 0  # positions that did not exist: their shard is cut or unreadable
+    shard_errors: list[str] = field(default_factory=list)  # the shards of the lost positions
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MLIPBatch:
         return MLIPBatch(
@@ -32,6 +35,8 @@ class MLIPBatch:
             sentence_mask=self.sentence_mask.to(device, non_blocking=True),
             keys=self.keys,
             num_skipped=self.num_skipped,
+            num_lost=self.num_lost,
+            shard_errors=list(self.shard_errors),
         )
 
     def __len__(self) -> int:

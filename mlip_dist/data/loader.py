@@ -1,15 +1,41 @@
-"""Streaming training loader over the WebDataset shards of ``tools/make_shards.py``.
+"""Training loader over the WebDataset shards of ``tools/make_shards.py``: one global, elastic sample order.
 
 Guarantees:
-- Every rank yields exactly ``batches_per_epoch`` micro-batches per epoch, so ranks step in lockstep
-  (epoch length comes from ``dataset.json`` counts: ``count // global_batch_size``). Shards are dealt
-  to ranks then workers; a stream that runs out before the epoch ends cycles its shards again.
-- The stream is a deterministic function of (seed, epoch, rank, worker): a run resumed at batch ``b``
-  skips raw (undecoded) samples up to ``b`` and then yields the same batches as an uninterrupted run.
-- Corrupt samples (undecodable image, bad JSON, truncated tar member) are skipped, counted in
-  ``MLIPBatch.num_skipped`` and logged with the shard name; they never stop the run.
-- Fewer shards than ranks x workers raises ``NotEnoughShardsError`` (use ``data.resampled: true``),
-  never a hang; more workers than batches per epoch are cut to one worker per batch.
+- One global sample order per epoch, a function of (seed, epoch, shard list, per-shard sample counts,
+  ``shuffle_buffer``) only: the shards are shuffled (seeded by seed and epoch), their samples concatenated,
+  and consecutive windows of ``shuffle_buffer`` samples are shuffled (window ``w`` seeded by seed, epoch and
+  ``w``; 0 or 1 = no shuffling within windows), so one batch reads from a few shards only. With
+  ``resampled`` each epoch draws its shard list with replacement (seeded by seed and epoch), as many shards as
+  the split has, and more while the drawn samples do not fill the epoch. Counts come from ``dataset.json``
+  (``shard_samples``); an older ``dataset.json`` without them is counted once from the tar headers.
+- Step ``s`` (absolute, counted from the start of training) is the global batch of positions
+  ``[b*G, (b+1)*G)`` of epoch ``e``'s order, with ``e, b = divmod(s, batches_per_epoch)``, ``G`` the global
+  batch size and ``batches_per_epoch = count // G`` (the tail of an epoch's order is unused that epoch).
+  Rank ``r`` gets positions ``[b*G + r*m, b*G + (r+1)*m)`` (``m`` the micro batch), so every rank yields the
+  same number of micro-batches and ranks step in lockstep, and the union of the ranks' micro-batches of a
+  step is the same samples in the same order whatever the world size or number of loader workers (elastic
+  determinism, as in MosaicML StreamingDataset). Any rank may read any shard: fewer shards than ranks x
+  workers is fine.
+- Exact resume: a run started at ``start_batch = s`` yields exactly the micro-batches of steps ``s, s+1, ...``
+  of an uninterrupted run, on the same or another layout (world size, workers) with the same global batch;
+  nothing before ``s`` is read. Loader worker ``w`` of ``W`` builds steps ``start_batch + w + i*W``, and the
+  DataLoader's round robin over workers delivers them in step order; every worker always has a next step,
+  so no worker count can stall the DataLoader.
+- Augmentation of a sample is seeded by (seed, epoch, its position in the order), never by rank, worker or
+  place in a micro-batch: a sample looks the same on every layout and after a resume.
+- Faults never stop the run and never shift the order. A sample that cannot be decoded (undecodable image,
+  bad JSON, no sentences) is counted in ``MLIPBatch.num_skipped`` and logged with its key and shard; a
+  position that does not exist because its shard is cut (truncated) or unreadable is counted in
+  ``MLIPBatch.num_lost``, its shard listed in ``MLIPBatch.shard_errors`` and logged. Either is replaced by a
+  substitute: attempt ``k`` for place ``j`` of step ``s``'s global batch takes the position drawn by a hash of
+  (seed, epoch, s, j, k) over the epoch's order, until one decodes (at most ``MAX_SUBSTITUTE_ATTEMPTS``, then
+  a ``RuntimeError`` naming the failing shards). Substitutes depend on global quantities only, so resumed and
+  re-laid-out runs build the same batches. A shard that changes on disk during training is re-indexed.
+- Samples are read by random access: each worker indexes a shard lazily on first use (tar headers only, the
+  webdataset key convention: a member's basename up to its first dot is the sample key, consecutive members
+  with one key form a sample) and keeps a few indexes and open files (LRU). The raw sample handed to
+  ``decode_sample`` is webdataset's: ``__key__``, ``__url__`` (the shard path) and one bytes entry per member
+  extension (``png``/``jpg``, ``json``, ...). Members are only read into memory; nothing is ever extracted.
 - Workers ignore SIGTERM/SIGINT (the trainer checkpoints first, then stops them), so the loader's
   iterators are shut down by an exit hook: a process that ends without closing one (an exception, a
   global iterator) exits instead of waiting forever in multiprocessing's join of the workers.
@@ -18,15 +44,21 @@ Guarantees:
 from __future__ import annotations
 
 import atexit
+import bisect
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import random
+import re
+import tarfile
+import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +74,24 @@ logger = logging.getLogger(__name__)
 
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.25
+MAX_SUBSTITUTE_ATTEMPTS = 64  # draws for one place of a batch before the loader gives up
 
 
 class NotEnoughShardsError(ValueError):
-    """Raised when a split has fewer shards than ranks x workers and resampling is off."""
+    """Kept for compatibility: the loader no longer needs a shard per rank and worker, so it never raises it."""
 
 
 @dataclass(frozen=True)
 class SplitInfo:
     shards: list[str]  # absolute paths
     count: int
+    # Samples of each shard, parallel to ``shards``; None when dataset.json predates them (see
+    # ``count_shard_samples``, which the training loader calls then).
+    shard_samples: list[int] | None = None
 
 
 def read_dataset_info(shard_dir: str | Path, split: str) -> SplitInfo:
-    """Read ``<shard_dir>/dataset.json`` and return the shard paths and sample count of ``split``."""
+    """Read ``<shard_dir>/dataset.json`` and return the shard paths and sample counts of ``split``."""
     shard_dir = Path(shard_dir)
     info_path = shard_dir / "dataset.json"
     if not info_path.is_file():
@@ -69,7 +105,17 @@ def read_dataset_info(shard_dir: str | Path, split: str) -> SplitInfo:
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"{info_path}: {len(missing)} shard(s) listed but missing, e.g. {missing[0]}")
-    return SplitInfo(shards=shards, count=int(entry["num_samples"]))
+    shard_samples = entry.get("shard_samples")
+    if shard_samples is not None:
+        shard_samples = [int(n) for n in shard_samples]
+        if len(shard_samples) != len(shards) or min(shard_samples, default=0) < 0:
+            raise ValueError(f"{info_path}: split {split!r} lists {len(shards)} shards but shard_samples "
+                             f"{shard_samples[:8]}{'...' if len(shard_samples) > 8 else ''} "
+                             f"({len(shard_samples)} entries): re-pack with tools/make_shards.py")
+        if sum(shard_samples) != int(entry["num_samples"]):
+            logger.warning("%s: split %r: shard_samples sum to %d, num_samples is %d", info_path, split,
+                           sum(shard_samples), int(entry["num_samples"]))
+    return SplitInfo(shards=shards, count=int(entry["num_samples"]), shard_samples=shard_samples)
 
 
 def _seed(*parts: Any) -> int:
@@ -163,7 +209,8 @@ class Collator:
         self.max_length = max_length
         self.max_sentences = max_sentences
 
-    def __call__(self, samples: list[DecodedSample], num_skipped: int = 0) -> MLIPBatch:
+    def __call__(self, samples: list[DecodedSample], num_skipped: int = 0, num_lost: int = 0,
+                 shard_errors: list[str] | None = None) -> MLIPBatch:
         from mlip_dist.text.tokenize import tokenize_with_spans
 
         input_ids, attention_mask, spans, sentence_mask = tokenize_with_spans(
@@ -177,6 +224,8 @@ class Collator:
             sentence_mask=sentence_mask,
             keys=[s.key for s in samples],
             num_skipped=num_skipped,
+            num_lost=num_lost,
+            shard_errors=list(shard_errors or []),
         )
 
 
@@ -192,8 +241,309 @@ def iterate_tar_samples(shard: str, on_error: Callable[[str, Exception], None]) 
     yield from wds.tariterators.tarfile_samples(source, handler=handler)
 
 
+# --------------------------------------------------------------------------- random access to shards
+
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these members
+_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+def _key_and_extension(name: str) -> tuple[str, str] | None:
+    """webdataset's split of a member name into sample key and (lower-cased) extension; None to skip it."""
+    if "/" not in name and name.startswith("__") and name.endswith("__"):
+        return None
+    if _SKIP_META.match(name):
+        return None
+    match = _KEY_AND_EXT.match(name)
+    if not match:
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+@dataclass
+class ShardIndex:
+    """Where each sample of one tar shard lies: its key and its members' byte ranges.
+
+    ``spans[i] = (offset, length)`` covers all members of sample ``i`` (they are consecutive in the tar);
+    ``members[i]`` holds ``(extension, offset within the span, size)`` of each member.
+    """
+
+    path: str
+    signature: tuple[int, ...]  # (device, inode, size, mtime_ns) when indexed: a change means re-index
+    keys: list[str] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    members: list[tuple[tuple[str, int, int], ...]] = field(default_factory=list)
+    problem: str | None = None  # why the shard ends early (cut, unreadable header), None for a whole shard
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _signature(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def index_shard(path: str, expected: int | None = None) -> ShardIndex:
+    """Index a tar shard from its headers alone (no member data is read).
+
+    Members are grouped into samples as webdataset does (consecutive members with one key). A shard that is
+    cut (truncated, or a broken header in the middle: no end-of-archive marker) keeps the samples before the
+    cut and says why in ``problem``; the sample at the cut is dropped when one of its members runs past the end
+    of the file or when it lacks members the shard's first sample has. ``expected`` (the count from
+    dataset.json), when given, makes a shard with fewer samples count as damaged too. Raises ``OSError`` when
+    the file cannot be read.
+    """
+    stat = os.stat(path)
+    index = ShardIndex(path=path, signature=_signature(stat))
+    groups: list[tuple[str, list[tuple[str, int, int]]]] = []
+    past_end = False
+    problem: str | None = None
+    try:
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
+            while True:
+                member = archive.next()
+                if member is None:
+                    handle.seek(archive.offset)
+                    block = handle.read(tarfile.BLOCKSIZE)
+                    if block != bytes(tarfile.BLOCKSIZE):  # no end-of-archive marker: a cut or a bad header
+                        problem = f"no tar header or end-of-archive marker at byte {archive.offset}"
+                    break
+                archive.members = []  # headers only; keep memory flat
+                if not member.isreg():
+                    continue
+                key_ext = _key_and_extension(member.name)
+                if key_ext is None:
+                    continue
+                key, ext = key_ext
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, []))
+                if member.offset_data + member.size > stat.st_size:
+                    past_end = True
+                    problem = f"member {member.name} runs past the end of the file ({stat.st_size} bytes)"
+                    break
+                if any(e == ext for e, _, _ in groups[-1][1]):
+                    logger.warning("shard %s: duplicate member %s ignored (webdataset drops it too)", path, member.name)
+                    continue
+                groups[-1][1].append((ext, member.offset_data, member.size))
+    except (tarfile.TarError, EOFError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None and groups:
+        first = {ext for ext, _, _ in groups[0][1]}
+        last = {ext for ext, _, _ in groups[-1][1]}
+        if past_end or (len(groups) > 1 and last < first):
+            groups.pop()  # the sample the cut went through
+    groups = [g for g in groups if g[1]]
+    for key, members in groups:
+        start = members[0][1]
+        end = members[-1][1] + members[-1][2]
+        index.keys.append(key)
+        index.spans.append((start, end - start))
+        index.members.append(tuple((ext, offset - start, size) for ext, offset, size in members))
+    if problem is None and expected is not None and len(groups) < expected:
+        problem = f"ends after {len(groups)} samples"
+    index.problem = problem
+    return index
+
+
+def count_shard_samples(shards: list[str]) -> list[int]:
+    """Samples of each shard, counted from the tar headers (for a dataset.json without ``shard_samples``)."""
+    start = time.perf_counter()
+    counts = []
+    for shard in shards:
+        try:
+            index = index_shard(shard)
+        except OSError as exc:
+            logger.warning("cannot count the samples of shard %s (%s): counted as 0", shard, exc)
+            counts.append(0)
+            continue
+        if index.problem is not None:
+            logger.warning("shard %s is damaged (%s): counted %d samples", shard, index.problem, len(index))
+        counts.append(len(index))
+    logger.info("dataset.json has no shard_samples: counted %d samples in %d shard(s) from their tar headers "
+                "in %.1f s (re-pack with tools/make_shards.py to skip this)", sum(counts), len(shards),
+                time.perf_counter() - start)
+    return counts
+
+
+class ShardReader:
+    """Random access to the samples of tar shards, for one process (a loader worker).
+
+    Keeps the indexes of the last ``max_indexes`` shards it read and ``max_open_files`` open files (LRU).
+    A shard is checked (``stat``) once per batch (``begin_batch``); when it changed on disk it is re-indexed.
+    """
+
+    def __init__(self, expected: dict[str, int] | None = None, max_open_files: int = 8, max_indexes: int = 32):
+        self.expected = expected or {}
+        self.max_open_files = max(1, max_open_files)
+        self.max_indexes = max(1, max_indexes)
+        self._indexes: OrderedDict[str, ShardIndex] = OrderedDict()
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self._checked: dict[str, str | None] = {}  # this batch: shard -> None (fine) or why unreadable
+        self._reported: set[tuple[str, str]] = set()
+
+    def begin_batch(self) -> None:
+        self._checked.clear()
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        self._indexes.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _warn_once(self, shard: str, message: str) -> None:
+        if (shard, message) not in self._reported:
+            self._reported.add((shard, message))
+            logger.warning("shard %s: %s", shard, message)
+
+    def _drop(self, shard: str) -> None:
+        self._indexes.pop(shard, None)
+        fd = self._files.pop(shard, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _index(self, shard: str) -> ShardIndex | None:
+        """The index of ``shard``, checked against the file once per batch; None when it cannot be read."""
+        index = self._indexes.get(shard)
+        if shard in self._checked:  # checked earlier in this batch
+            if self._checked[shard] is not None:
+                return None
+            if index is not None:
+                self._indexes.move_to_end(shard)
+                return index
+        try:
+            signature = _signature(os.stat(shard))
+            if index is None or index.signature != signature:
+                if index is not None:
+                    logger.warning("shard %s changed on disk: re-indexing it", shard)
+                self._drop(shard)
+                expected = self.expected.get(shard)
+                index = index_shard(shard, expected)
+                self._indexes[shard] = index
+                while len(self._indexes) > self.max_indexes:
+                    self._drop(next(iter(self._indexes)))
+                if index.problem is not None:
+                    where = f"{len(index)} of {expected}" if expected is not None else f"{len(index)}"
+                    self._warn_once(shard, f"cut or damaged ({index.problem}): {where} samples readable, the "
+                                           "missing positions are counted as lost and replaced by substitutes")
+                elif expected is not None and len(index) > expected:
+                    self._warn_once(shard, f"holds {len(index)} samples, dataset.json says {expected}: the last "
+                                           f"{len(index) - expected} are never used (re-pack or fix dataset.json)")
+            self._indexes.move_to_end(shard)
+        except OSError as exc:
+            self._drop(shard)
+            self._checked[shard] = f"unreadable ({exc})"
+            self._warn_once(shard, f"unreadable ({exc}): its positions are counted as lost and replaced by substitutes")
+            return None
+        self._checked[shard] = None
+        return index
+
+    def _fd(self, shard: str) -> int:
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = os.open(shard, os.O_RDONLY)
+            self._files[shard] = fd
+            while len(self._files) > self.max_open_files:
+                os.close(self._files.popitem(last=False)[1])
+        self._files.move_to_end(shard)
+        return fd
+
+    def read(self, shard: str, sample: int) -> dict[str, Any] | None:
+        """The raw webdataset sample ``sample`` of ``shard``, or None when it does not exist or cannot be read."""
+        index = self._index(shard)
+        if index is None or sample >= len(index):
+            return None
+        offset, length = index.spans[sample]
+        try:
+            data = os.pread(self._fd(shard), length, offset)
+        except OSError as exc:
+            self._drop(shard)
+            self._checked[shard] = f"unreadable ({exc})"
+            self._warn_once(shard, self._checked[shard])
+            return None
+        if len(data) != length:  # cut after it was indexed; the next batch re-indexes it
+            self._warn_once(shard, f"sample {index.keys[sample]} cut short ({len(data)} of {length} bytes)")
+            return None
+        raw: dict[str, Any] = {"__key__": index.keys[sample], "__url__": shard}
+        for ext, start, size in index.members[sample]:
+            raw[ext] = data[start : start + size]
+        return raw
+
+
+# --------------------------------------------------------------------------- the global order
+
+
+class EpochOrder:
+    """The global sample order of one epoch: position ``t`` -> (shard index, sample index within the shard).
+
+    A function of (seed, epoch, counts, shuffle_buffer, resampled, min_length) only; see the module docstring.
+    Window permutations are computed on demand, so only the windows a batch touches are ever built.
+    """
+
+    def __init__(self, counts: list[int], *, seed: int, epoch: int, shuffle_buffer: int, resampled: bool,
+                 min_length: int):
+        num_shards = len(counts)
+        if sum(counts) == 0:
+            raise ValueError("the shards hold no sample")
+        if resampled:
+            rng = random.Random(_seed(seed, "resample", epoch))
+            slots = [rng.randrange(num_shards) for _ in range(num_shards)]
+            total = sum(counts[i] for i in slots)
+            while total < min_length:  # small shards drawn: draw more until the epoch's batches are filled
+                slots.append(rng.randrange(num_shards))
+                total += counts[slots[-1]]
+        else:
+            slots = list(range(num_shards))
+            random.Random(_seed(seed, "shards", epoch)).shuffle(slots)
+            total = sum(counts)
+        if total < min_length:
+            raise ValueError(f"the shards hold {total} samples, fewer than the {min_length} one epoch needs")
+        self.seed, self.epoch = seed, epoch
+        self.slots = slots  # shard index of each slot of the concatenation
+        self.starts = []  # first concatenated position of each slot
+        position = 0
+        for shard in slots:
+            self.starts.append(position)
+            position += counts[shard]
+        self.length = total
+        self.window = max(1, shuffle_buffer)
+        self._permutations: OrderedDict[int, list[int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _permutation(self, window: int) -> list[int]:
+        permutation = self._permutations.get(window)
+        if permutation is None:
+            size = min(self.window, self.length - window * self.window)
+            permutation = list(range(size))
+            random.Random(_seed(self.seed, "window", self.epoch, window)).shuffle(permutation)
+            self._permutations[window] = permutation
+            while len(self._permutations) > 8:
+                self._permutations.popitem(last=False)
+        self._permutations.move_to_end(window)
+        return permutation
+
+    def locate(self, position: int) -> tuple[int, int]:
+        if not 0 <= position < self.length:
+            raise IndexError(f"position {position} outside the epoch's {self.length} samples")
+        if self.window > 1:
+            window, offset = divmod(position, self.window)
+            position = window * self.window + self._permutation(window)[offset]
+        slot = bisect.bisect_right(self.starts, position) - 1
+        return self.slots[slot], position - self.starts[slot]
+
+
 class ShardStream(IterableDataset):
-    """Per-rank stream of collated micro-batches; see the module docstring for its guarantees."""
+    """Per-rank stream of collated micro-batches, one per absolute step; see the module docstring.
+
+    ``shard_samples`` (the samples of each shard) default to a count from the tar headers. ``num_workers`` is
+    accepted for compatibility; the worker split comes from the DataLoader (``get_worker_info``).
+    """
 
     def __init__(
         self,
@@ -210,98 +560,111 @@ class ShardStream(IterableDataset):
         resampled: bool = False,
         start_batch: int = 0,
         num_workers: int = 1,
+        shard_samples: list[int] | None = None,
+        max_open_files: int = 8,
+        max_indexes: int = 32,
     ):
         if batches_per_epoch < 1:
             raise ValueError("batches_per_epoch must be >= 1: the split has fewer samples than one global batch")
-        if num_workers > batches_per_epoch:
-            # Workers take the epoch's batches in turn and the DataLoader reads them round-robin: a worker
-            # that owns no batch never yields, and the DataLoader would wait for it forever.
-            raise ValueError(
-                f"{num_workers} loader workers for {batches_per_epoch} batch(es) per epoch: every worker must own "
-                f"at least one batch per epoch; use at most {batches_per_epoch} workers"
-            )
-        if not resampled and len(shards) < world_size * max(1, num_workers):
-            raise NotEnoughShardsError(
-                f"{len(shards)} shard(s) for {world_size} rank(s) x {max(1, num_workers)} worker(s): every "
-                "worker needs at least one shard. Pack smaller shards (make_shards --shard-size), use fewer "
-                "loader workers, or set data.resampled: true."
-            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
+        if start_batch < 0:
+            raise ValueError("start_batch must be >= 0")
+        if not shards:
+            raise ValueError("no shards")
         self.shards = list(shards)
+        counts = list(shard_samples) if shard_samples is not None else count_shard_samples(self.shards)
+        if len(counts) != len(self.shards):
+            raise ValueError(f"{len(counts)} sample counts for {len(self.shards)} shards")
+        if sum(counts) == 0:
+            raise ValueError(f"shards {self.shards[:3]}... hold no sample")
+        self.shard_samples = counts
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size = micro_batch_size
+        self.global_batch_size = micro_batch_size * world_size
         self.batches_per_epoch = batches_per_epoch
+        if not resampled and sum(counts) < batches_per_epoch * self.global_batch_size:
+            raise ValueError(f"{batches_per_epoch} batches of {self.global_batch_size} per epoch need "
+                             f"{batches_per_epoch * self.global_batch_size} samples; the shards hold {sum(counts)}")
         self.collate = collate
         self.augment = augment
         self.seed = seed
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.resampled = resampled
         self.start_batch = start_batch
+        self.max_open_files, self.max_indexes = max_open_files, max_indexes
+        self._reader: ShardReader | None = None
+        self._orders: OrderedDict[int, EpochOrder] = OrderedDict()
 
-    def _worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        if self.resampled:
-            rng = random.Random(_seed(self.seed, "resample", epoch, self.rank, worker))
-            return [rng.choice(self.shards) for _ in range(len(self.shards))]
-        order = list(self.shards)
-        random.Random(_seed(self.seed, "shards", epoch)).shuffle(order)
-        return order[self.rank :: self.world_size][worker::num_workers]
+    def __getstate__(self) -> dict[str, Any]:  # workers build their own reader and orders
+        state = dict(self.__dict__)
+        state["_reader"], state["_orders"] = None, OrderedDict()
+        return state
 
-    def _raw_stream(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        """Shuffled raw samples for this (epoch, rank, worker), cycling its shards without end."""
-        rng = random.Random(_seed(self.seed, "samples", epoch, self.rank, worker))
-        cycle = 0
-        while True:
-            # Resampled streams draw new shards each pass; plain ones re-read the same shard set.
-            shard_epoch = epoch * 1_000_003 + cycle if self.resampled else epoch
-            shards = self._worker_shards(shard_epoch, worker, num_workers)
-            buffer: list[dict[str, Any]] = []
-            produced = 0
-            for shard in shards:
-                for sample in iterate_tar_samples(shard, self._log_tar_error):
-                    produced += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(sample)
-                        continue
-                    index = rng.randrange(len(buffer))
-                    buffer[index], sample = sample, buffer[index]
-                    yield sample
-            if produced == 0:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: shards {shards} hold no readable sample")
-            rng.shuffle(buffer)
-            yield from buffer  # each pass yields every sample of its shards exactly once
-            cycle += 1
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        order = self._orders.get(epoch)
+        if order is None:
+            order = EpochOrder(self.shard_samples, seed=self.seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer,
+                               resampled=self.resampled, min_length=self.batches_per_epoch * self.global_batch_size)
+            self._orders[epoch] = order
+            while len(self._orders) > 2:
+                self._orders.popitem(last=False)
+        return order
 
-    @staticmethod
-    def _log_tar_error(shard: str, exc: Exception) -> None:
-        logger.warning("skipping unreadable data in shard %s: %s", shard, exc)
+    def _substitute(self, epoch: int, step: int, place: int, attempt: int, length: int) -> int:
+        return _seed(self.seed, "substitute", epoch, step, place, attempt) % length
+
+    def batch(self, step: int) -> Any:
+        """This rank's micro-batch of absolute step ``step``."""
+        if self._reader is None:
+            self._reader = ShardReader({s: n for s, n in zip(self.shards, self.shard_samples, strict=True)},
+                                       self.max_open_files, self.max_indexes)
+        reader = self._reader
+        reader.begin_batch()
+        epoch, batch_index = divmod(step, self.batches_per_epoch)
+        order = self.epoch_order(epoch)
+        first = batch_index * self.global_batch_size
+        decoded: list[DecodedSample] = []
+        skipped = lost = 0
+        failed: list[str] = []
+        for place in range(self.rank * self.micro_batch_size, (self.rank + 1) * self.micro_batch_size):
+            position = first + place
+            for attempt in range(MAX_SUBSTITUTE_ATTEMPTS + 1):
+                if attempt:
+                    position = self._substitute(epoch, step, place, attempt, len(order))
+                shard_index, sample_index = order.locate(position)
+                shard = self.shards[shard_index]
+                raw = reader.read(shard, sample_index)
+                if raw is None:
+                    lost += 1
+                    if shard not in failed:
+                        failed.append(shard)
+                    continue
+                # Seeded by the sample's place in the global order: the same on every layout and resume.
+                generator = torch.Generator().manual_seed(_seed(self.seed, "augment", epoch, position) % 2**63)
+                try:
+                    decoded.append(decode_sample(raw, self.augment, generator))
+                    break
+                except Exception as exc:  # noqa: BLE001 - any defect of one sample must not stop the run
+                    skipped += 1
+                    logger.warning("skipping sample %s from %s: %s", raw.get("__key__"), shard, exc)
+            else:
+                raise RuntimeError(
+                    f"step {step}, place {place} of the global batch: {MAX_SUBSTITUTE_ATTEMPTS + 1} positions in a "
+                    f"row could not be read or decoded (failing shards: {', '.join(failed) or 'none'}; the rest "
+                    "were corrupt samples, see the log): the data set is mostly broken"
+                )
+        return self.collate(decoded, num_skipped=skipped, num_lost=lost, shard_errors=failed)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
+        step = self.start_batch + worker
         while True:
-            my_batches = [b for b in range(self.batches_per_epoch) if b % num_workers == worker]
-            if not my_batches:
-                raise RuntimeError(f"loader worker {worker} of {num_workers} owns none of the {self.batches_per_epoch} "
-                                   "batches per epoch and would stall the DataLoader; use fewer workers")
-            stream = self._raw_stream(epoch, worker, num_workers)
-            for batch_index in my_batches:
-                if batch_index < offset:
-                    for _ in range(self.micro_batch_size):  # skip without decoding (resume)
-                        next(stream)
-                    continue
-                # Seeded per batch, so a resumed stream replays the same augmentations.
-                generator = torch.Generator().manual_seed(_seed(self.seed, "augment", epoch, self.rank, batch_index) % 2**63)
-                decoded: list[DecodedSample] = []
-                skipped = 0
-                while len(decoded) < self.micro_batch_size:
-                    raw = next(stream)
-                    try:
-                        decoded.append(decode_sample(raw, self.augment, generator))
-                    except Exception as exc:  # noqa: BLE001 - any defect of one sample must not stop the run
-                        skipped += 1
-                        logger.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
-                yield self.collate(decoded, num_skipped=skipped)
-            epoch, offset = epoch + 1, 0
+            yield self.batch(step)
+            step += num_workers
 
 
 _open_iterators: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -363,14 +726,17 @@ def build_train_loader(
     augment: bool = True,
     seed: int = 0,
     start_batch: int = 0,
+    max_open_files: int = 8,
 ) -> tuple[DataLoader, int]:
-    """Return an endless per-rank loader and the number of steps in one epoch."""
+    """Return an endless per-rank loader, starting at absolute step ``start_batch``, and the steps in one epoch."""
+    if micro_batch_size * world_size != global_batch_size:
+        raise ValueError(f"micro batch {micro_batch_size} x world size {world_size} != global batch "
+                         f"{global_batch_size}: the loader splits each global batch over the ranks")
     split_info = read_dataset_info(shard_dir, split)
     batches_per_epoch = split_info.count // global_batch_size
-    if 0 < batches_per_epoch < num_workers:
-        logger.warning("%s split %r: %d batch(es) per epoch, so %d loader workers instead of %d (each needs a batch)",
-                       shard_dir, split, batches_per_epoch, batches_per_epoch, num_workers)
-        num_workers = batches_per_epoch
+    shard_samples = split_info.shard_samples
+    if shard_samples is None:
+        shard_samples = count_shard_samples(split_info.shards)
     stream = ShardStream(
         split_info.shards,
         rank=rank,
@@ -384,6 +750,8 @@ def build_train_loader(
         resampled=resampled,
         start_batch=start_batch,
         num_workers=num_workers,
+        shard_samples=shard_samples,
+        max_open_files=max_open_files,
     )
     loader = TrainLoader(
         stream,

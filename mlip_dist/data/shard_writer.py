@@ -675,6 +675,8 @@ def _write_outputs(
                 "shards": [r["shard"] for r in finished[split]],
                 "num_samples": sum(len(r["samples"]) for r in finished[split]),
                 "shard_bytes": [r["bytes"] for r in finished[split]],
+                # samples per shard, parallel to "shards": the training loader's global order needs them
+                "shard_samples": [len(r["samples"]) for r in finished[split]],
             }
             for split in splits
         },
