@@ -40,15 +40,24 @@ def gather_with_grad(tensor: torch.Tensor, world_size: int, group: dist.ProcessG
     """Concatenate every rank's ``tensor`` along dim 0, differentiably.
 
     All ranks must pass the same shape. Rank ``r``'s block is rows
-    ``[r * n, (r + 1) * n)``. The backward sums the incoming gradients of all ranks
-    onto each rank's own block (``torch.distributed.nn.functional.all_gather``).
+    ``[r * n, (r + 1) * n)``. The backward is a sum reduce-scatter: each rank's own
+    block receives the sum over ranks of the gradients reaching it
+    (``torch.distributed._functional_collectives.all_gather_single_autograd``, which
+    replaces the deprecated ``torch.distributed.nn.functional.all_gather`` with the
+    same gradient and works on gloo as well as NCCL).
     """
     _check(world_size)
     if world_size == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
+    import torch.distributed._functional_collectives as funcol
 
-    return torch.cat(dist_fn.all_gather(tensor.contiguous(), group=group), dim=0)
+    gathered = funcol.all_gather_single_autograd(
+        tensor.contiguous(), 0, dist.group.WORLD if group is None else group
+    )
+    # The result may be an AsyncCollectiveTensor; wait here (differentiably) so callers get a plain tensor.
+    if isinstance(gathered, funcol.AsyncCollectiveTensor):
+        gathered = gathered.wait()
+    return gathered
 
 
 @torch.no_grad()

@@ -8,14 +8,21 @@ attention mask).
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from transformers import AutoModel, BertConfig, BertModel, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from mlip_dist.config import GlobalPool, TextEncoderConfig
+
+logger = logging.getLogger(__name__)
 
 
 # A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors of tuple outputs to re-gather
@@ -52,20 +59,106 @@ def masked_mean(token_states: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return (token_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+class _LoadReportCatcher(logging.Filter):
+    """Takes transformers' weight-loading report off the log (it is kept for errors) and passes the rest."""
+
+    # transformers 5.x: one "<Model> LOAD REPORT" table; 4.x: "Some weights of ..." paragraphs.
+    _MARKERS = ("LOAD REPORT", "Some weights of")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(marker in message for marker in self._MARKERS):
+            self.reports.append(_ANSI.sub("", message))
+            return False
+        return True
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Where transformers logs the report (modeling_utils passes its own logger; the function's default is its module's).
+_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+
+
+@contextmanager
+def _quiet_load() -> Iterator[_LoadReportCatcher]:
+    """Hold back what ``from_pretrained`` prints on every process: its "Loading weights" bar and its
+    load-report table. :func:`_check_loading_info` checks the same information and raises or warns itself."""
+    catcher = _LoadReportCatcher()
+    loggers = [logging.getLogger(name) for name in _REPORT_LOGGERS]
+    for log in loggers:
+        log.addFilter(catcher)
+    hook_set = getattr(hf_logging, "set_tqdm_hook", None)
+    previous = hook_set(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True})) if hook_set else None
+    try:
+        yield catcher
+    finally:
+        if hook_set:
+            hook_set(previous)
+        for log in loggers:
+            log.removeFilter(catcher)
+
+
+def _format_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _check_loading_info(path: Path, model: PreTrainedModel, info: dict[str, Any], dropped_pooler: bool) -> None:
+    """Raise when weights of the encoder are not in the checkpoint; warn about checkpoint weights it does not use."""
+    name = type(model).__name__
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} weights missing from the checkpoint: {_format_keys(missing)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} weights with the wrong shape: {_format_keys(mismatched)}")
+        raise RuntimeError(
+            f"text encoder folder {path} does not hold weights for its {name} ({'; '.join(problems)}); they would "
+            "be randomly initialised. Point model.text.path at a folder whose weights match its config.json, "
+            "or leave it unset to train the text encoder from scratch"
+        )
+    # The pooler is dropped on purpose (add_pooling_layer=False): its checkpoint weights are expected to go unused.
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not (dropped_pooler and k.startswith("pooler.")))
+    if unexpected:
+        logger.warning(
+            "text encoder folder %s: %d checkpoint weights are not used by %s (%s); fine for a task head, "
+            "wrong if the folder should match the encoder exactly",
+            path, len(unexpected), name, _format_keys(unexpected),
+        )
+
+
 def _load_pretrained(path: Path, dropout: float | None) -> PreTrainedModel:
     if not path.is_dir():
         raise FileNotFoundError(
             f"text encoder folder {path} does not exist; model.text.path must be a local transformers "
             "model folder (config.json + weights); nothing is downloaded"
         )
-    kwargs: dict[str, float] = {}
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
     if dropout is not None:
-        kwargs = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-    try:
-        # BERT-family models accept add_pooling_layer; the pooler is never used here.
-        return AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False, **kwargs)
-    except TypeError:
-        return AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+        kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    with _quiet_load() as catcher:
+        try:
+            try:
+                # BERT-family models accept add_pooling_layer; the pooler is never used here.
+                model, info = AutoModel.from_pretrained(str(path), add_pooling_layer=False, **kwargs)
+                dropped_pooler = True
+            except TypeError:
+                model, info = AutoModel.from_pretrained(str(path), **kwargs)
+                dropped_pooler = False
+        except Exception as exc:
+            if not catcher.reports:
+                raise
+            # transformers raises after its report ("look at the above report"): put the report in the error.
+            raise RuntimeError(
+                f"could not load the text encoder from {path}:\n" + "\n".join(catcher.reports) + f"\n{exc}"
+            ) from exc
+    _check_loading_info(path, model, info, dropped_pooler)
+    return model
 
 
 def build_bert_config(config: TextEncoderConfig) -> BertConfig:
