@@ -53,6 +53,21 @@ class PositionEmbedding(str, enum.Enum):
     LEARNED = "learned"
 
 
+class ValMetric(str, enum.Enum):
+    """Validation metrics (training/validation.py) that can choose the best checkpoint (``train.best_metric``)."""
+
+    I2R_R1 = "val/i2r_R@1"
+    I2R_R5 = "val/i2r_R@5"
+    I2R_R10 = "val/i2r_R@10"
+    R2I_R1 = "val/r2i_R@1"
+    R2I_R5 = "val/r2i_R@5"
+    R2I_R10 = "val/r2i_R@10"
+    ZERO_SHOT_AUC = "val/zero_shot_auc"
+    LOSS_TOTAL = "val/loss/total"
+    LOSS_GLOBAL = "val/loss/global"
+    LOSS_LOCAL = "val/loss/local"
+
+
 class ZeroStage(int, enum.Enum):
     ZERO0 = 0
     ZERO1 = 1
@@ -216,6 +231,10 @@ class LossConfig:
     local_temperature: float = bounded(0.1, gt=0.0)
     local_negatives: int | None = bounded(None, ge=1)  # k hardest negatives per row/column; None = all
     ot_chunk_pairs: int = bounded(4096, ge=1)  # image/report pairs solved at once (memory bound)
+    # Exactly ot_max_iter Sinkhorn iterations, no convergence test in the loop: no host sync in the solver
+    # (ot_tol unused; the final marginal error is still logged). Off: stop at ot_tol, checked every 10.
+    ot_fixed_iterations: bool = False
+    ot_compile: bool = False  # the solver's steps through torch.compile (inductor: gcc on CPU, triton on GPU)
 
 
 @dataclass
@@ -226,7 +245,9 @@ class DataConfig:
     # Image size, report length (tokens) and sentences per report are the model's: model.image.image_size,
     # model.text.max_length, model.max_sentences.
     num_workers: int = bounded(2, ge=0)
-    shuffle_buffer: int = bounded(1000, ge=0)  # 0 or 1: no shuffling within the shard stream
+    # Samples shuffled together: windows of this many samples of each epoch's shard-shuffled global order
+    # (data/loader.py); 0 or 1: shard order only.
+    shuffle_buffer: int = bounded(1000, ge=0)
     resampled: bool = False
     augment: bool = True
     seed: int = bounded(0, ge=0, le=SEED_MAX)
@@ -253,7 +274,12 @@ class TrainConfig:
     zero_stage: ZeroStage | None = None
     offload: bool = False
     save_every: int = bounded(500, ge=1)
-    keep_last: int = bounded(3, ge=1)
+    keep_last: int = bounded(3, ge=1)  # the best checkpoint (best_metric) is kept besides these
+    # Validation on data.val_split every eval_every steps and at the end (0: never), on its first
+    # eval_max_samples samples; the checkpoint with the best best_metric is kept as checkpoints/best.
+    eval_every: int = bounded(500, ge=0)
+    eval_max_samples: int = bounded(1000, ge=1)
+    best_metric: ValMetric = ValMetric.I2R_R10
     save_consolidated: bool = True  # also write <tag>/model.safetensors (fp32, for evaluation/export)
     log_every: int = bounded(10, ge=1)
     image_log_every: int = bounded(200, ge=0)  # 0: no heat-map images

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from mlip_dist.cli_types import nonnegative_int, positive_int, seed
 from mlip_dist.logging_utils import setup_logging
+from mlip_dist.model_io import SELECTIONS
 
 logger = logging.getLogger("mlip_dist.evaluate")
 TASKS = ("zero_shot", "retrieval", "linear_probe", "segmentation", "grounding")
@@ -37,6 +38,12 @@ TASKS = ("zero_shot", "retrieval", "linear_probe", "segmentation", "grounding")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder or one step_N folder")
+    parser.add_argument("--select", choices=SELECTIONS, default="latest",
+                        help="with a run or checkpoints folder: its latest complete checkpoint or the best by the "
+                        "run's validation metric (train.best_metric)")
+    parser.add_argument("--max-samples", type=positive_int, default=None,
+                        help="evaluate the first N samples of the split in dataset.json order (what validation "
+                        "during training reads with train.eval_max_samples N)")
     parser.add_argument("--data", required=True, help="shard folder with dataset.json (make_shards or make_eval_shards)")
     parser.add_argument("--task", default="all", choices=(*TASKS, "all"))
     parser.add_argument("--out", help="output folder (default <run>/eval/<data folder name>)")
@@ -77,16 +84,6 @@ class StageClock:
         self.start = now
 
 
-def classes_for(dataset_info: dict[str, Any], prompts: dict[str, Any]) -> tuple[str, list[str]]:
-    """(kind, class names): kind is the eval benchmark name, or 'reports' for make_shards output."""
-    from mlip_dist.data.mimic import CHEXPERT_LABELS
-
-    benchmark = dataset_info.get("benchmark")
-    if benchmark:
-        return benchmark, list(dataset_info.get("classes", []))
-    return "reports", [c for c in CHEXPERT_LABELS if c in prompts and c != "No Finding"]
-
-
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mlip_dist.evaluation import tasks
     from mlip_dist.evaluation.benchmarks import load_prompts
@@ -95,12 +92,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     rank, world_size, device = init_distributed()
     setup_logging(rank)
-    loaded = load_run(args.checkpoint, device)
+    loaded = load_run(args.checkpoint, device, select=args.select)
     config, model = loaded.config, loaded.model
     tokenizer = load_tokenizer(config)
     dataset_info = json.loads((Path(args.data) / "dataset.json").read_text())
     prompts = load_prompts(args.prompts)
-    kind, classes = classes_for(dataset_info, prompts)
+    kind, classes = tasks.classes_for(dataset_info, prompts)
     wanted = TASKS if args.task == "all" else (args.task,)
     needs_train = any(t in wanted for t in ("linear_probe", "segmentation")) and args.train_split in dataset_info["splits"]
     image_cfg = config.model.image
@@ -113,6 +110,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     finetune = segment and args.seg_finetune
     clock = StageClock()
     test = gather_features(extract_features(model, tokenizer, args.data, args.split, with_patch_tokens=segment,
+                                            max_samples=args.max_samples,
                                             with_images=finetune, **common), world_size)
     train = None
     if needs_train:

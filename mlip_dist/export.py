@@ -45,7 +45,7 @@ from torch import nn
 
 from mlip_dist.config import GlobalPool, MLIPConfig, PatchStem, ProjectionKind, from_dict, to_dict
 from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
-from mlip_dist.model_io import CheckpointError, LoadedRun, load_run, load_tokenizer
+from mlip_dist.model_io import SELECTIONS, CheckpointError, LoadedRun, load_run, load_tokenizer
 from mlip_dist.models.heads import Projection
 from mlip_dist.models.mlip import ImageFeatures, MLIPModel, TextFeatures
 from mlip_dist.models.text_encoder import masked_mean, span_mean
@@ -325,7 +325,8 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def export_run(
-    checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False, verify: bool = True
+    checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False, verify: bool = True,
+    select: str = "latest",
 ) -> ExportResult:
     """Export the checkpoint ``checkpoint`` to ``out_dir`` (see the module docstring for the layout).
 
@@ -336,7 +337,7 @@ def export_run(
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)  # before the (possibly long) load
-    loaded = load_run(checkpoint)  # CheckpointError names the file and the reason
+    loaded = load_run(checkpoint, select=select)  # CheckpointError names the file and the reason
     try:
         tokenizer = load_tokenizer(loaded.config)
     except (OSError, ValueError) as err:
@@ -528,6 +529,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", required=True,
                         help="run folder, its checkpoints/ folder, or one step_NNNNNNNN tag folder")
+    parser.add_argument("--select", choices=SELECTIONS, default="latest",
+                        help="with a run or checkpoints folder: its latest complete checkpoint or the best by the "
+                        "run's validation metric (train.best_metric)")
     parser.add_argument("--out", required=True, help="export folder (written atomically via <out>.tmp)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -540,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        result = export_run(args.checkpoint, args.out, overwrite=args.overwrite, verify=args.verify)
+        result = export_run(args.checkpoint, args.out, overwrite=args.overwrite, verify=args.verify,
+                            select=args.select)
     except (CheckpointError, ExportError) as err:
         print(f"mlip_dist.export: error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mlip_dist.config import MLIPConfig, from_dict
-from mlip_dist.training.checkpoint import CONSOLIDATED_WEIGHTS, TAG_PATTERN, find_latest
+from mlip_dist.training.checkpoint import BEST_FILE, CONSOLIDATED_WEIGHTS, TAG_PATTERN, find_best, find_latest
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +37,24 @@ class LoadedRun:
     run_dir: Path
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run_dir, tag_dir) for any accepted form of ``path``."""
+SELECTIONS = ("latest", "best")  # --select of evaluate.py and export
+
+
+def resolve_checkpoint(path: str | Path, select: str = "latest") -> tuple[Path, Path]:
+    """(run_dir, tag_dir) for any accepted form of ``path``: a step folder, or a run or checkpoints folder
+    and ``select`` (``latest`` complete checkpoint, or the ``best`` by the run's validation metric)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if TAG_PATTERN.match(path.name):
         return path.parent.parent, path
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if select == "best":
+        tag = find_best(checkpoints)
+        if tag is None:
+            raise CheckpointError(f"{checkpoints} holds no best checkpoint (no {checkpoints / BEST_FILE} naming a "
+                                  "complete one): the run never validated (train.eval_every 0?); use --select latest")
+        return checkpoints.parent, checkpoints / tag
     tag = find_latest(checkpoints)
     if tag is None:
         raise CheckpointError(f"{checkpoints} holds no complete checkpoint (step_NNNNNNNN/complete.json)")
@@ -70,13 +80,14 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
-    """Build the model of a run from its config and load its consolidated fp32 weights (safetensors)."""
+def load_run(path: str | Path, device: torch.device | str = "cpu", select: str = "latest") -> LoadedRun:
+    """Build the model of a run from its config and load its consolidated fp32 weights (safetensors) of the
+    checkpoint :func:`resolve_checkpoint` selects."""
     from safetensors.torch import load_file
 
     from mlip_dist.models.mlip import MLIPModel
 
-    run_dir, tag_dir = resolve_checkpoint(path)
+    run_dir, tag_dir = resolve_checkpoint(path, select)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} not found: the run folder must hold the resolved training config")

@@ -506,3 +506,16 @@ def test_forward_without_masking_and_mean_text_pool():
     torch.testing.assert_close(out.image_global, out.image_global_full)
     torch.testing.assert_close(out.report_global, text.report_features)
     torch.testing.assert_close(out.sentence_features, text.sentence_features)
+
+
+def test_seeded_patch_masks_depend_on_each_images_seed_alone():
+    """The training loader seeds each sample's mask from its place in the global order, so a sample is masked
+    the same way whichever rank holds it and whatever else is in its micro-batch."""
+    from mlip_dist.models.image_encoder import random_patch_mask
+
+    both = random_patch_mask(2, 16, 0.5, seeds=torch.tensor([11, 22]))
+    alone = random_patch_mask(1, 16, 0.5, seeds=torch.tensor([22]))
+    assert torch.equal(both.visible_patch_idx[1], alone.visible_patch_idx[0])
+    assert not torch.equal(both.visible_patch_idx[0], both.visible_patch_idx[1])
+    again = random_patch_mask(2, 16, 0.5, seeds=torch.tensor([11, 22]))
+    assert torch.equal(both.visible_patch_idx, again.visible_patch_idx)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from launch_utils import (
     LOOPBACK_HOSTS,
@@ -225,3 +226,48 @@ def test_four_node_launch_through_pdsh_and_ssh(tmp_path, synthetic_shards, minil
     assert "4 ranks" in result.stdout + result.stderr
     assert summary(tmp_path / "run")["step"] == 3
     assert len(summary(tmp_path / "run")["loss_history"]) == 3
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_continues_the_same_run(tmp_path, synthetic_shards, minilm_path):
+    """2 ranks -> 1 and 1 -> 2 at the same global batch: the global sample order does not depend on the ranks,
+    the ZeRO state is repartitioned through DeepSpeed's universal checkpoint, and the final weights equal an
+    uninterrupted 2-rank run's up to floating-point reduction order (the tiny preset has no dropout)."""
+    from safetensors.torch import load_file
+
+    def final_weights(run_dir: Path) -> dict:
+        return load_file(str(run_dir / "checkpoints" / "step_00000006" / "model.safetensors"))
+
+    runs = {}
+    for name, first, second in (("straight", 2, None), ("shrink", 2, 1), ("grow", 1, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = write_config(folder, synthetic_shards, minilm_path, max_steps=6, save_every=3, image_log_every=0,
+                           eval_every=0)
+        run(torchrun(first, "--config", str(cfg), *([] if second is None else ["--train.stop_at_step", "3"])), REPO)
+        if second is not None:
+            result = run(torchrun(second, "--config", str(cfg)), REPO)
+            assert f"resumed from {folder / 'run' / 'checkpoints' / 'step_00000003'}" in result.stderr
+            assert f"world_size {first} -> {second}" in result.stderr  # the log says what changed
+            assert (folder / "run" / "checkpoints" / "universal" / "step_00000003").is_dir()
+        runs[name] = folder / "run"
+    straight = final_weights(runs["straight"])
+    straight_losses = summary(runs["straight"])["loss_history"]
+    for name in ("shrink", "grow"):
+        resumed = final_weights(runs[name])
+        assert sorted(resumed) == sorted(straight)
+        for key, value in straight.items():
+            assert torch.allclose(resumed[key], value, rtol=1e-4, atol=1e-5), (name, key)
+        assert summary(runs[name])["loss_history"] == pytest.approx(straight_losses[3:], rel=1e-4), name
+
+
+def test_a_change_that_cannot_continue_exactly_is_refused_with_what_to_do():
+    from mlip_dist.pretrain import refuse_silent_redeal
+    from mlip_dist.training.state import DataLayout
+
+    saved = DataLayout(world_size=2, num_workers=2, global_batch_size=8, steps_per_epoch=8)
+    refuse_silent_redeal(saved, DataLayout(world_size=1, num_workers=0, global_batch_size=8, steps_per_epoch=8))
+    with pytest.raises(SystemExit, match="global_batch_size 8 -> 16.*resume with train.global_batch_size 8"):
+        refuse_silent_redeal(saved, DataLayout(world_size=2, num_workers=2, global_batch_size=16, steps_per_epoch=4))
+    with pytest.raises(SystemExit, match="steps_per_epoch 8 -> 9"):
+        refuse_silent_redeal(saved, DataLayout(world_size=2, num_workers=2, global_batch_size=8, steps_per_epoch=9))

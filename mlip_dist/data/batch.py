@@ -21,6 +21,9 @@ class MLIPBatch:
     sentence_spans: torch.Tensor  # (B, S, 2) long
     sentence_mask: torch.Tensor  # (B, S) bool
     keys: list[str] = field(default_factory=list)
+    # (B,) int64 seeds of each sample's patch mask, set by the training loader from the sample's place in the
+    # global order, so masking does not depend on the rank layout; None: masks from the global torch RNG.
+    mask_seeds: torch.Tensor | None = None
     # Loader faults met while building this batch (each replaced by a substitute sample, so the batch is full):
     num_skipped: int = 0  # corrupt samples (undecodable image, bad JSON, no sentences)
     num_lost: int = 0  # positions that did not exist: their shard is cut or unreadable
@@ -34,6 +37,7 @@ class MLIPBatch:
             sentence_spans=self.sentence_spans.to(device, non_blocking=True),
             sentence_mask=self.sentence_mask.to(device, non_blocking=True),
             keys=self.keys,
+            mask_seeds=self.mask_seeds,
             num_skipped=self.num_skipped,
             num_lost=self.num_lost,
             shard_errors=list(self.shard_errors),

@@ -21,7 +21,8 @@ Guarantees:
   nothing before ``s`` is read. Loader worker ``w`` of ``W`` builds steps ``start_batch + w + i*W``, and the
   DataLoader's round robin over workers delivers them in step order; every worker always has a next step,
   so no worker count can stall the DataLoader.
-- Augmentation of a sample is seeded by (seed, epoch, its position in the order), never by rank, worker or
+- Augmentation and the patch mask of a sample (``MLIPBatch.mask_seeds``) are seeded by (seed, epoch, its
+  position in the order), never by rank, worker or
   place in a micro-batch: a sample looks the same on every layout and after a resume.
 - Faults never stop the run and never shift the order. A sample that cannot be decoded (undecodable image,
   bad JSON, no sentences) is counted in ``MLIPBatch.num_skipped`` and logged with its key and shard; a
@@ -183,6 +184,7 @@ class DecodedSample:
     image: torch.Tensor
     sentences: list[str]
     meta: dict[str, Any]
+    mask_seed: int | None = None  # seeds this sample's patch mask (training: from its place in the global order)
 
 
 def decode_sample(sample: dict[str, Any], augment: AugmentConfig, generator: torch.Generator | None) -> DecodedSample:
@@ -223,6 +225,8 @@ class Collator:
             sentence_spans=spans,
             sentence_mask=sentence_mask,
             keys=[s.key for s in samples],
+            mask_seeds=(torch.tensor([s.mask_seed for s in samples], dtype=torch.int64)
+                        if samples and all(s.mask_seed is not None for s in samples) else None),
             num_skipped=num_skipped,
             num_lost=num_lost,
             shard_errors=list(shard_errors or []),
@@ -645,7 +649,9 @@ class ShardStream(IterableDataset):
                 # Seeded by the sample's place in the global order: the same on every layout and resume.
                 generator = torch.Generator().manual_seed(_seed(self.seed, "augment", epoch, position) % 2**63)
                 try:
-                    decoded.append(decode_sample(raw, self.augment, generator))
+                    sample = decode_sample(raw, self.augment, generator)
+                    sample.mask_seed = _seed(self.seed, "mask", epoch, position) % 2**63
+                    decoded.append(sample)
                     break
                 except Exception as exc:  # noqa: BLE001 - any defect of one sample must not stop the run
                     skipped += 1

@@ -9,6 +9,7 @@ without augmentation, so they do not depend on which rank computed them (METHOD.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image
 
 from mlip_dist.data.loader import (
     AugmentConfig,
+    count_shard_samples,
     decode_image,
     iterate_tar_samples,
     preprocess_image,
@@ -57,11 +59,27 @@ def _decode_mask(data: bytes, size: int) -> np.ndarray:
     return TF.resize(tensor, [size, size], interpolation=TF.InterpolationMode.NEAREST)[0].numpy()
 
 
-def iterate_split(shard_dir: str, split: str, rank: int, world_size: int):
-    """Raw samples of this rank's shards of ``split`` (shards dealt round-robin by rank)."""
+def split_subset(shard_dir: str, split: str, max_samples: int | None = None) -> list[tuple[str, int | None]]:
+    """(shard, samples to read or None for all) of ``split``: every shard, or with ``max_samples`` the first
+    ``max_samples`` samples in ``dataset.json`` order, the same set whatever the world size."""
     info = read_dataset_info(shard_dir, split)
-    for shard in info.shards[rank::world_size]:
-        yield from iterate_tar_samples(shard, lambda s, exc: None)
+    if max_samples is None:
+        return [(shard, None) for shard in info.shards]
+    counts = info.shard_samples if info.shard_samples is not None else count_shard_samples(info.shards)
+    subset, left = [], max_samples
+    for shard, count in zip(info.shards, counts, strict=True):
+        if left <= 0:
+            break
+        subset.append((shard, min(count, left)))
+        left -= count
+    return subset
+
+
+def iterate_split(shard_dir: str, split: str, rank: int, world_size: int, max_samples: int | None = None):
+    """Raw samples of this rank's shards of ``split`` (shards dealt round-robin by rank), of the subset of
+    :func:`split_subset`."""
+    for shard, quota in split_subset(shard_dir, split, max_samples)[rank::world_size]:
+        yield from itertools.islice(iterate_tar_samples(shard, lambda s, exc: None), quota)
 
 
 def _sentences(meta: dict[str, Any]) -> list[str] | None:
@@ -88,8 +106,10 @@ def extract_features(
     with_images: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    max_samples: int | None = None,
 ) -> dict[str, Any]:
-    """This rank's features of ``split`` as plain arrays/lists (to be gathered with ``gather_features``)."""
+    """This rank's features of ``split`` (or of its first ``max_samples`` samples, :func:`split_subset`) as plain
+    arrays/lists (to be gathered with ``gather_features``)."""
     from tqdm import tqdm
 
     augment = AugmentConfig(image_size=image_size, in_chans=in_chans, enabled=False)
@@ -125,7 +145,7 @@ def extract_features(
             out["masks"].append(mask)
         batch.clear()
 
-    samples = iterate_split(shard_dir, split, rank, world_size)
+    samples = iterate_split(shard_dir, split, rank, world_size, max_samples)
     for raw in tqdm(samples, desc=f"features {split} (rank {rank})", disable=not progress or rank != 0, unit="img"):
         key = raw.get("__key__", "?")
         image_bytes = raw.get("png", raw.get("jpg"))

@@ -87,6 +87,16 @@ def zero_shot_scores(features: EvalFeatures, prompt: PromptFeatures, *, logit_sc
     return scores
 
 
+def classes_for(dataset_info: dict[str, Any], prompts: dict[str, Any]) -> tuple[str, list[str]]:
+    """(kind, class names): kind is the eval benchmark name, or 'reports' for make_shards output."""
+    from mlip_dist.data.mimic import CHEXPERT_LABELS
+
+    benchmark = dataset_info.get("benchmark")
+    if benchmark:
+        return benchmark, list(dataset_info.get("classes", []))
+    return "reports", [c for c in CHEXPERT_LABELS if c in prompts and c != "No Finding"]
+
+
 def chexpert_target(value: Any) -> float:
     """A CheXpert label as a binary target: 1 positive, NaN uncertain (-1), 0 negative or not mentioned."""
     return np.nan if value == -1 else 1.0 if value == 1 else 0.0

@@ -74,16 +74,22 @@ def random_patch_mask(
     mask_ratio: float,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    seeds: torch.Tensor | None = None,
 ) -> PatchMask:
     """Draw an independent random subset of patches per image (MAE: argsort of uniform noise).
 
     Guarantees: every row keeps exactly ``num_visible_patches(K, mask_ratio)`` distinct patches,
     visible and masked indices partition ``range(K)`` and are sorted ascending (so ``mask_ratio=0``
-    keeps timm's token order). Pass ``generator`` for reproducible masks.
+    keeps timm's token order). Pass ``generator`` for reproducible masks, or ``seeds`` (one per image):
+    then each row's noise comes from its own seed alone, whatever else is in the batch.
     """
     keep = num_visible_patches(num_patches, mask_ratio)
-    noise_device = generator.device if generator is not None else device
-    noise = torch.rand(batch_size, num_patches, generator=generator, device=noise_device)
+    if seeds is not None:
+        rows = [torch.rand(num_patches, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds.tolist()]
+        noise = torch.stack(rows)
+    else:
+        noise_device = generator.device if generator is not None else device
+        noise = torch.rand(batch_size, num_patches, generator=generator, device=noise_device)
     order = torch.argsort(noise.to(device), dim=1)
     visible = order[:, :keep].sort(dim=1).values
     masked = order[:, keep:].sort(dim=1).values
@@ -258,18 +264,19 @@ class ImageEncoder(nn.Module):
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
         mask: PatchMask | None = None,
+        mask_seeds: torch.Tensor | None = None,
     ) -> ImageEncoding:
         """Encode the visible patches of ``images`` (B, C, H, W).
 
         ``mask_ratio`` defaults to the config's; ``mask`` (e.g. from ``random_patch_mask``) fixes
-        the visible patches explicitly. Masked patches never reach the transformer blocks, so
+        the visible patches explicitly; ``mask_seeds`` (one per image) draws each image's mask from its seed. Masked patches never reach the transformer blocks, so
         their pixels cannot influence any output.
         """
         batch = images.shape[0]
         if mask is None:
             ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
             mask = random_patch_mask(
-                batch, self.num_patches, ratio, device=images.device, generator=generator
+                batch, self.num_patches, ratio, device=images.device, generator=generator, seeds=mask_seeds
             )
         prefix, tokens = self._prefix_and_visible_patches(images, mask.visible_patch_idx)
         if prefix is not None:

@@ -84,11 +84,13 @@ class MLIPModel(nn.Module):
 
         ``compute_full_view`` (default: ``integrity == relative``) adds a no-grad pass of the
         unmasked image with the same weights and mode (so dropout/drop-path behave as in the
-        masked pass) for ``image_global_full``. ``generator``/``mask`` make the masking reproducible.
+        masked pass) for ``image_global_full``. ``generator``/``mask`` make the masking reproducible; without
+        them the batch's ``mask_seeds`` (training loader) seed each image's mask, else the global torch RNG.
         """
         if compute_full_view is None:
             compute_full_view = IntegrityMode(self.loss_config.integrity) == IntegrityMode.RELATIVE
-        image = self.image_encoder(batch.images, generator=generator, mask=mask)
+        seeds = getattr(batch, "mask_seeds", None) if generator is None else None  # an explicit generator wins
+        image = self.image_encoder(batch.images, generator=generator, mask=mask, mask_seeds=seeds)
         text = self.text_encoder(
             batch.input_ids, batch.attention_mask, batch.sentence_spans, batch.sentence_mask
         )

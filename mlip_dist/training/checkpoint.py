@@ -32,6 +32,8 @@ TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE_MARKER = "complete.json"
 LATEST_FILE = "latest"  # the name DeepSpeed's load_checkpoint(tag=None) and zero_to_fp32.py read
 CONSOLIDATED_WEIGHTS = "model.safetensors"
+UNIVERSAL_DIR = "universal"  # <dir>/universal/<tag>: DeepSpeed's universal form, to resume on another world size
+BEST_FILE = "best"  # JSON naming the complete checkpoint with the best validation metric; never pruned
 
 
 def tag_for_step(step: int) -> str:
@@ -76,6 +78,19 @@ def find_latest(checkpoint_dir: str | Path) -> str | None:
     return tags[-1][1] if tags else None
 
 
+def read_best(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """``{"tag", "step", "metric", "value"}`` of the best checkpoint, or None if the run has none."""
+    path = Path(checkpoint_dir) / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def find_best(checkpoint_dir: str | Path) -> str | None:
+    best = read_best(checkpoint_dir)
+    if best is None or not (Path(checkpoint_dir) / best["tag"] / COMPLETE_MARKER).is_file():
+        return None
+    return str(best["tag"])
+
+
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the message names the folder, the cause and what is still usable."""
 
@@ -102,6 +117,7 @@ def save_training_checkpoint(
     keep_last: int,
     consolidated: bool = True,
     frozen: dict[str, torch.Tensor] | None = None,
+    best: dict[str, Any] | None = None,
 ) -> str:
     """Save a DeepSpeed checkpoint at ``step`` on every rank, then mark it complete and prune (rank 0).
 
@@ -109,7 +125,8 @@ def save_training_checkpoint(
     only after all ranks' files (DeepSpeed states, RNG, consolidated safetensors when
     ``consolidated``: the fp32 masters, frozen parameters from ``frozen``) are on disk; on an ``OSError`` (e.g. ENOSPC) or a torch
     writer failure, raises :class:`CheckpointSaveError` and leaves the previous complete checkpoint and
-    ``latest`` as they were. Returns the tag.
+    ``latest`` as they were. ``best`` (metric, value) marks this checkpoint as the run's best: the ``best`` file
+    is rewritten after the marker and before pruning, which never removes the tag it names. Returns the tag.
     """
     import torch.distributed as dist
 
@@ -140,22 +157,27 @@ def save_training_checkpoint(
     dist.barrier()
     if rank == 0:
         mark_complete(root, tag, info)
+        if best is not None:
+            atomic_write_text(root / BEST_FILE, json.dumps({"tag": tag, "step": step, **best}, indent=2))
         prune(root, keep_last)
     dist.barrier()
     return tag
 
 
 def prune(checkpoint_dir: str | Path, keep_last: int) -> list[str]:
-    """Delete complete checkpoints older than the last ``keep_last``, and stale partial ones below them."""
+    """Delete complete checkpoints older than the last ``keep_last``, and stale partial ones below them; the
+    checkpoint named in the ``best`` file is always kept."""
     tags = complete_tags(checkpoint_dir)
-    removed = []
+    removed: list[str] = []
     if len(tags) <= keep_last:
         return removed
     oldest_kept_step = tags[-keep_last][0]
+    best = read_best(checkpoint_dir)
     for child in Path(checkpoint_dir).iterdir():
         match = TAG_PATTERN.match(child.name)
-        if match and int(match.group(1)) < oldest_kept_step:
+        if match and int(match.group(1)) < oldest_kept_step and not (best and child.name == best["tag"]):
             shutil.rmtree(child, ignore_errors=True)
+            shutil.rmtree(Path(checkpoint_dir) / UNIVERSAL_DIR / child.name, ignore_errors=True)
             removed.append(child.name)
     return removed
 

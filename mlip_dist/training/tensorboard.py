@@ -1,4 +1,9 @@
-"""Rank-0 TensorBoard writer for the pre-training loop (scalars, resolved config, heat-map images)."""
+"""Rank-0 TensorBoard writer for the pre-training loop (scalars, resolved config, heat-map images).
+
+A run resumed from the checkpoint of step s opens the writer with ``purge_step`` s + 1: TensorBoard then
+drops every event an earlier launch wrote after step s (the steps between the checkpoint and a crash, which
+the resumed run logs again), so each tag holds each step once.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from mlip_dist.config import MLIPConfig, to_dict
 
 
 class TrainLogger:
-    def __init__(self, log_dir: str | Path, config: MLIPConfig):
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-        resolved = json.dumps(to_dict(config), indent=2)
-        self.writer.add_text("config", f"```\n{resolved}\n```", 0)
+    def __init__(self, log_dir: str | Path, config: MLIPConfig, resumed_at: int = 0):
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at + 1 if resumed_at > 0 else None)
+        if resumed_at == 0:  # a resumed run keeps the config text of its first launch
+            resolved = json.dumps(to_dict(config), indent=2)
+            self.writer.add_text("config", f"```\n{resolved}\n```", 0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():

@@ -1,0 +1,35 @@
+"""Building the DeepSpeed engine of a run: the training module, its AdamW groups and the LR schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mlip_dist.config import MLIPConfig
+from mlip_dist.training.checkpoint import frozen_fp32_copies
+from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
+from mlip_dist.training.schedule import cosine_with_warmup
+
+
+def build_engine(config: MLIPConfig, ds_config: dict[str, Any], rank: int, world_size: int) -> tuple[
+        Any, Any, dict[str, torch.Tensor]]:
+    """(engine, LR scheduler, fp32 copies of the frozen parameters taken before DeepSpeed's bf16 cast)."""
+    import deepspeed
+
+    train = config.train
+    module = MLIPTrainingModule(config.model, config.loss, rank=rank, world_size=world_size)
+    module.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
+    frozen = frozen_fp32_copies(module)
+
+    def lr_lambda(step: int) -> float:
+        return cosine_with_warmup(step, warmup_steps=train.warmup_steps, max_steps=train.max_steps,
+                                  base_lr=train.lr, min_lr=train.min_lr) / train.lr
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module,
+        model_parameters=parameter_groups(module, train.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda),
+    )
+    return engine, scheduler, frozen
