@@ -42,6 +42,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, minilm_path):
         assert json.loads((out / "eval" / benchmark / "results.json").read_text())["zero_shot"], benchmark
     for heading in ("## synthetic", "## chexpert5x200", "## rsna", "## siim"):
         assert heading in first.stdout
+    figure = out / "demo_summary.png"
+    assert f"summary picture (loss curves, ROC curves, OT heat maps against the ground-truth regions): {figure}" \
+        in first.stdout
+    from PIL import Image
+
+    with Image.open(figure) as picture:  # the loss chart, the ROC curves and the heat maps, stacked
+        assert picture.height > 480 + 400 and picture.width >= 480
     assert "pre-training: 3 steps" in first.stdout and "TensorBoard: tensorboard --logdir" in first.stdout
 
     again = subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=300)

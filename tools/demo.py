@@ -33,6 +33,21 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
     print(f"  ({time.time() - started:.0f} s)", flush=True)
 
 
+def summary_figure(run_dir: Path, eval_dir: Path, path: Path) -> None:
+    """One PNG: the training loss curves (TensorBoard), the zero-shot ROC curves and the grounding heat maps
+    (each sentence's OT heat map over its test X-ray, the ground-truth region outlined) of the evaluation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mlip_dist.evaluation.report import line_chart, stack_pictures
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = [t for t in ("loss/total", "loss/global", "loss/local", "loss/reconstruction", "val/loss/total")
+            if t in events.Tags()["scalars"]]
+    curves = {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)]) for tag in tags}
+    chart = line_chart(curves, x_label="step", y_label="loss", title="pre-training loss")
+    stack_pictures([chart, eval_dir / "roc_curves.png", eval_dir / "grounding_heatmaps.png"], path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -93,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pre-training: {summary['step']} steps, loss {summary['loss_history'][0]:.3f} -> "
           f"{summary['loss_history'][-1]:.3f}")
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}  (evaluation: {out / 'eval'})")
+    figure = out / "demo_summary.png"
+    summary_figure(run_dir, out / "eval" / "synthetic", figure)
+    print(f"summary picture (loss curves, ROC curves, OT heat maps against the ground-truth regions): {figure}")
     print(f"demo finished in {(time.time() - started) / 60:.1f} min")
     return 0
 

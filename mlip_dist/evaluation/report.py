@@ -59,28 +59,72 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> None:
     atomic_write_text(out_dir / "results.md", markdown_table(results))
 
 
-def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, size: int = 480) -> None:
-    """One ROC curve per class on a white canvas with a legend (no plotting library needed)."""
-    margin = 40
-    canvas = Image.new("RGB", (size + 180, size), "white")
+def line_chart(series: dict[str, tuple[Any, Any]], *, x_label: str, y_label: str, size: int = 480,
+               unit_square: bool = False, title: str = "") -> Image.Image:
+    """Lines on a white canvas with axes' ranges and a legend (no plotting library needed). ``unit_square``:
+    both axes span [0, 1] with the diagonal drawn (ROC curves)."""
+    margin, legend = 48, 200
+    canvas = Image.new("RGB", (size + legend, size), "white")
     draw = ImageDraw.Draw(canvas)
     span = size - 2 * margin
+    xs = [float(v) for x, _ in series.values() for v in x]
+    ys = [float(v) for _, y in series.values() for v in y if np.isfinite(v)]
+    if unit_square or not xs or not ys:
+        x_low, x_high, y_low, y_high = 0.0, 1.0, 0.0, 1.0
+    else:
+        x_low, x_high, y_low, y_high = min(xs), max(xs), min(ys), max(ys)
+    x_high, y_high = max(x_high, x_low + 1e-9), max(y_high, y_low + 1e-9)
 
-    def point(fpr: float, tpr: float) -> tuple[float, float]:
-        return margin + fpr * span, size - margin - tpr * span
+    def point(x: float, y: float) -> tuple[float, float]:
+        return (margin + (x - x_low) / (x_high - x_low) * span,
+                size - margin - (y - y_low) / (y_high - y_low) * span)
 
     draw.rectangle([margin, margin, margin + span, margin + span], outline="black")
-    draw.line([point(0, 0), point(1, 1)], fill=(180, 180, 180))
-    draw.text((margin, size - margin + 8), "false positive rate", fill="black")
-    draw.text((4, margin - 20), "true positive rate", fill="black")
-    for index, (name, (scores, labels)) in enumerate(sorted(curves.items())):
-        curve = roc_curve(scores, labels)
+    if unit_square:
+        draw.line([point(0, 0), point(1, 1)], fill=(180, 180, 180))
+    draw.text((margin, size - margin + 8), f"{x_label}  [{x_low:.3g}, {x_high:.3g}]", fill="black")
+    draw.text((4, margin - 32), f"{y_label}  [{y_low:.3g}, {y_high:.3g}]", fill="black")
+    if title:
+        draw.text((margin, 6), title, fill="black")
+    for index, (name, (x, y)) in enumerate(sorted(series.items())):
         color = PALETTE[index % len(PALETTE)]
-        draw.line([point(f, t) for f, t in zip(curve.fpr, curve.tpr, strict=True)], fill=color, width=2)
-        draw.text((size + 4, margin + 14 * index), name[:24], fill=color)
+        points = [point(float(a), float(b)) for a, b in zip(x, y, strict=True) if np.isfinite(b)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        elif points:
+            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=color)
+        draw.text((size + 4, margin + 14 * index), name[:30], fill=color)
+    return canvas
+
+
+def save_png(image: Image.Image, path: Path) -> None:
     tmp = path.with_suffix(".tmp.png")
-    canvas.save(tmp)
+    image.save(tmp)
     tmp.replace(path)
+
+
+def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, size: int = 480) -> None:
+    """One ROC curve per class with a legend."""
+    lines = {}
+    for name, (scores, labels) in curves.items():
+        curve = roc_curve(scores, labels)
+        lines[name] = (curve.fpr, curve.tpr)
+    save_png(line_chart(lines, x_label="false positive rate", y_label="true positive rate", size=size,
+                        unit_square=True), path)
+
+
+def stack_pictures(pictures: list[Image.Image | Path], path: Path) -> None:
+    """Pictures (images or PNG paths; missing paths left out) one below the other, on white, as one PNG."""
+    images = [p if isinstance(p, Image.Image) else Image.open(p).convert("RGB")
+              for p in pictures if isinstance(p, Image.Image) or Path(p).is_file()]
+    if not images:
+        return
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    top = 0
+    for image in images:
+        canvas.paste(image, (0, top))
+        top += image.height
+    save_png(canvas, path)
 
 
 def heatmap_grid(pictures: list[np.ndarray], path: Path, columns: int = 4) -> None:
@@ -92,6 +136,4 @@ def heatmap_grid(pictures: list[np.ndarray], path: Path, columns: int = 4) -> No
     canvas = Image.new("RGB", (columns * width, rows * height), "black")
     for index, picture in enumerate(pictures):
         canvas.paste(Image.fromarray(picture), ((index % columns) * width, (index // columns) * height))
-    tmp = path.with_suffix(".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    save_png(canvas, path)
