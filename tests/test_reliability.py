@@ -578,6 +578,21 @@ def test_fault_counts_are_the_runs_summed_over_ranks(tmp_path, synthetic_shards,
     assert events.Scalars("data/skipped_samples")[-1].value == skipped
     assert events.Scalars("data/lost_samples")[-1].value == lost
 
+    # Exact resume across corrupt samples (issue 16, point 3): stopped at step 5, after corrupt samples of the
+    # first epoch, and resumed: the same losses as the uninterrupted run and the same run totals.
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    resumed_config = _write_config(resumed_dir, shards, minilm_path, max_steps=steps, save_every=steps, log_every=1,
+                                   eval_every=0)
+    run(torchrun(2, "--config", str(resumed_config), "--deepspeed_config", "ds_configs/zero2.json",
+                 "--train.stop_at_step", "5"), REPO)
+    first_part = summary(resumed_dir / "run")
+    assert first_part["skipped_samples"] + first_part["lost_samples"] >= 1  # faults before the resume point
+    run(torchrun(2, "--config", str(resumed_config), "--deepspeed_config", "ds_configs/zero2.json"), REPO)
+    resumed = summary(resumed_dir / "run")
+    assert resumed["loss_history"] == pytest.approx(done["loss_history"][5:], rel=1e-5, abs=1e-6)
+    assert (resumed["skipped_samples"], resumed["lost_samples"]) == (skipped, lost)
+
 
 @pytest.mark.slow
 def test_diverging_run_skips_non_finite_steps_then_stops_with_a_clear_message(tmp_path, synthetic_shards,
