@@ -8,6 +8,7 @@ import ot
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_tool
 
 from mlip_dist.config import IntegrityMode, LossConfig
 from mlip_dist.losses.composite import MLIPLoss
@@ -225,7 +226,7 @@ def test_chunking_does_not_change_the_loss():
     for chunk in (1, 3, 10):
         small = local_ot_loss(p, q, mask, chunk_pairs=chunk, tol=0.0)
         assert torch.allclose(small.loss, big.loss, atol=1e-6)
-    assert big.stats.pairs == 2 * n * n
+    assert big.stats.pairs == n * n  # every pair solved once, used for its row and its column
 
 
 def test_padding_sentences_and_patches_changes_neither_loss_nor_gradient():
@@ -284,6 +285,29 @@ def test_local_loss_never_nan_with_tiny_eps_identical_features_and_empty_reports
         # 3 valid pairs, all similarities equal: each term is log 3, 6 terms over 2N = 8.
         assert float(out.loss.detach()) == pytest.approx(6 * math.log(3) / 8, rel=1e-5)
         assert torch.count_nonzero(grads[1][2]) == 0
+
+
+def test_local_loss_with_fixed_iterations_never_syncs_and_agrees_with_the_tolerance_stop():
+    n, kv, s, d = 6, 5, 4, 8
+    p = _unit(n, kv, d, seed=32).requires_grad_()
+    q = _unit(n, s, d, seed=33).requires_grad_()
+    mask = _sentence_mask(n, s, seed=34)
+    counter = load_tool("bench_ot").DispatchCounter
+    results = {}
+    for fixed in (False, True):
+        with counter() as forward:
+            out = local_ot_loss(p, q, mask, eps=0.05, max_iter=200, tol=1e-5, chunk_pairs=10, fixed_iterations=fixed)
+        with counter() as backward:
+            grads = torch.autograd.grad(out.loss, (p, q))
+        results[fixed] = (out, grads, forward.host_syncs + backward.host_syncs)
+    (adaptive, adaptive_grads, adaptive_syncs), (fixed, fixed_grads, fixed_syncs) = results[False], results[True]
+    # 36 pairs in 6 chunks (one image each), each checked at least once by default; none with fixed iterations.
+    assert fixed_syncs == 0 and adaptive_syncs >= 6 and fixed.stats.iterations == 200
+    assert fixed.stats.marginal_error <= adaptive.stats.marginal_error < 1e-5
+    # |d_fixed - d_adaptive| is a fraction of the tolerance; the loss moves by less than tol / tau.
+    assert abs(float(fixed.loss.detach() - adaptive.loss.detach())) <= 1e-5 / 0.1
+    for got, want in zip(fixed_grads, adaptive_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-4)
 
 
 # ---------------------------------------------------------------- reconstruction (Losses 4)
@@ -360,7 +384,7 @@ def test_composite_is_the_weighted_sum_of_the_terms():
     assert torch.allclose(result.reconstruction_loss, rec)
     assert torch.allclose(result.total, 0.5 * g + 2.0 * loc + 0.25 * rec)
     assert result.stats.integrity_mean == pytest.approx(1.0, abs=1e-6)
-    assert result.stats.ot_iterations >= 1 and result.stats.ot_pairs == 2 * 6 * 6
+    assert result.stats.ot_iterations >= 1 and result.stats.ot_pairs == 6 * 6  # each pair solved once
     assert set(result.scalars()) >= {"loss/total", "ot/marginal_error", "integrity/std"}
     result.total.backward()
     assert out.patch_features.grad is not None and out.image_global.grad is not None
@@ -379,3 +403,19 @@ def test_composite_integrity_modes():
         MLIPLoss(LossConfig())(out)
     with pytest.raises(ValueError, match="num_patches"):
         MLIPLoss(LossConfig(integrity=IntegrityMode.LEARNED))
+
+
+def test_composite_passes_the_solver_options_to_the_local_loss(monkeypatch):
+    import mlip_dist.losses.composite as composite
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return local_ot_loss(*args, **kwargs)
+
+    monkeypatch.setattr(composite, "local_ot_loss", spy)
+    config = LossConfig(lambda_global=0.0, lambda_reconstruction=0.0, ot_fixed_iterations=True, ot_max_iter=7)
+    result = MLIPLoss(config)(_output(grad=False))
+    assert seen["fixed_iterations"] is True and seen["compiled"] is False and seen["max_iter"] == 7
+    assert result.stats.ot_iterations == 7

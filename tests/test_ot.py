@@ -6,8 +6,12 @@ import ot
 import ot.batch
 import pytest
 import torch
+from conftest import load_tool
 
 from mlip_dist.losses.ot import sinkhorn_log
+
+# The bench's counter of dispatched aten ops; ``host_syncs`` counts those that copy a value to the host.
+DispatchCounter = load_tool("bench_ot").DispatchCounter
 
 
 def _random_problems(batch: int, rows: int, cols: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -121,3 +125,48 @@ def test_bf16_autocast_solves_in_float32():
 def test_no_gradient_flows_into_the_plan():
     cost = _random_problems(2, 5, 3, seed=1).requires_grad_()
     assert not sinkhorn_log(cost, eps=0.1).plan.requires_grad
+
+
+def _padded_problems(seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cost = _random_problems(6, 30, 8, seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    row_mask = torch.rand(6, 30, generator=g) > 0.2
+    col_mask = torch.rand(6, 8, generator=g) > 0.3
+    row_mask[:, 0] = col_mask[:, 0] = True
+    return cost, row_mask, col_mask
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-5])
+def test_fixed_iterations_never_syncs_and_agrees_with_the_tolerance_stop(tol):
+    cost, row_mask, col_mask = _padded_problems(seed=21)
+    with DispatchCounter() as adaptive_ops:
+        adaptive = sinkhorn_log(cost, row_mask, col_mask, eps=0.05, max_iter=400, tol=tol)
+    with DispatchCounter() as fixed_ops:
+        fixed = sinkhorn_log(cost, row_mask, col_mask, eps=0.05, max_iter=400, tol=tol, fixed_iterations=True)
+    # One host read per convergence check (iterations 1, 11, 21, ...) by default; none with fixed iterations.
+    assert adaptive.iterations < 400 and adaptive_ops.host_syncs == (adaptive.iterations - 1) // 10 + 1
+    assert fixed_ops.host_syncs == 0 and fixed_ops.ops["aten::is_nonzero"] == 0
+    assert fixed.iterations == 400
+    # Same iterates as tol = 0; the marginal error is still computed (on the device) for logging.
+    assert torch.equal(fixed.plan, sinkhorn_log(cost, row_mask, col_mask, eps=0.05, max_iter=400, tol=0).plan)
+    a = row_mask.double() / row_mask.sum(1, keepdim=True)
+    assert float(fixed.marginal_error) == pytest.approx(float((fixed.plan.sum(2) - a).abs().sum(1).max()), abs=1e-15)
+    # Equal to the tolerance-stopped solve up to the tolerance (observed: plan L1 <= 1.8 tol, d <= 0.06 tol).
+    assert float(fixed.marginal_error) <= float(adaptive.marginal_error) < tol
+    assert float((fixed.plan - adaptive.plan).abs().sum((1, 2)).max()) <= 4 * tol
+    assert float(((fixed.plan - adaptive.plan) * cost).sum((1, 2)).abs().max()) <= tol
+
+
+@pytest.mark.slow
+def test_compiled_solver_matches_eager():
+    """torch.compile (inductor) of the solver steps: same iterations, plans equal to eager up to float32
+    rounding, including a second batch size (recompiled with a dynamic batch) and float64."""
+    cost, row_mask, col_mask = _padded_problems(seed=22, dtype=torch.float32)
+    for options in ({"fixed_iterations": True}, {"tol": 1e-4}):
+        for batch in (6, 4):
+            args = (cost[:batch], row_mask[:batch], col_mask[:batch])
+            eager = sinkhorn_log(*args, eps=0.05, max_iter=23, **options)
+            compiled = sinkhorn_log(*args, eps=0.05, max_iter=23, compiled=True, **options)
+            assert compiled.iterations == eager.iterations
+            assert torch.allclose(compiled.plan, eager.plan, atol=1e-7, rtol=1e-5), (options, batch)
+            assert torch.count_nonzero(compiled.plan[~(row_mask[:batch, :, None] & col_mask[:batch, None, :])]) == 0

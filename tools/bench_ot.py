@@ -6,19 +6,37 @@ Compares ``mlip_dist.losses.ot.sinkhorn_log`` with POT's batch solvers
 all at the same number of iterations, and reports the max plan difference.
 Then times the full local loss forward + backward at the same shapes.
 
-    python tools/bench_ot.py                      # paper shapes, 1 thread
+Part ``dispatch``: one ``local_ot_loss`` call (world size 1, N = ``--dispatch-images``),
+forward and backward, with the default tolerance-stopped solver and with
+``fixed_iterations`` side by side: aten ops dispatched, host syncs among them
+(``aten._local_scalar_dense`` / ``aten.is_nonzero`` / ``aten.item``: each one a
+GPU -> CPU wait on an accelerator), pairs solved, wall time. Two feature sets:
+random unit vectors (near-uniform plans: the solver stops at its second check) and
+"findings" (each image shows two findings on unequal shares of its patches, its sentences
+alternate between them: the solver needs several more checks).
+
+    python tools/bench_ot.py                      # paper shapes, 1 thread, both parts
     python tools/bench_ot.py --threads 2 --loop-subset 64
+    python tools/bench_ot.py --parts dispatch     # ops / host syncs per OT loss at N = 128
+    python tools/bench_ot.py --parts dispatch --compile   # also time ot_compile (fixed iterations)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that copy a tensor value to the host: on an accelerator each one waits for the device.
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::item")
 
 
 def _time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -30,6 +48,116 @@ def _time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
         result = fn()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (by ``aten::name``), running each as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops[func.name().split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def host_syncs(self) -> int:
+        return sum(self.ops[name] for name in HOST_SYNC_OPS)
+
+
+def _load() -> tuple[float, ...]:
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+def _ratio(new: float, base: float) -> str:
+    return f"{new / base:.2f}x" if base else ("1.00x" if new == base else "inf")
+
+
+def dispatch_part(args: argparse.Namespace) -> None:
+    """Ops and host syncs of one ``local_ot_loss`` (forward, backward) per solver mode, side by side."""
+    from mlip_dist.config import LossConfig
+    from mlip_dist.losses.local_ot import local_ot_loss
+
+    cfg = LossConfig()
+    n, kv, slots, dim = args.dispatch_images, args.patches, args.sentences, args.dim
+    g = torch.Generator().manual_seed(args.seed)
+    patches = F.normalize(torch.randn(n, kv, dim, generator=g), dim=-1)
+    counts = torch.randint(1, slots + 1, (n,), generator=g)
+    sentence_mask = torch.arange(slots)[None] < counts[:, None]
+    # Findings: image i shows two findings (directions); a third of its patches show the first, the rest the
+    # second, and its sentences alternate between them. Moving mass between the two unequal groups across
+    # the cost gap is what makes Sinkhorn need several checks (random features converge almost at once).
+    findings = F.normalize(torch.randn(n, 2, dim, generator=g), dim=-1)
+    image_index = torch.arange(n)[:, None]
+    patch_finding = (torch.arange(kv) >= kv // 3).long().expand(n, kv)
+    sentence_finding = (torch.arange(slots) % 2).expand(n, slots)
+    noise = 0.005
+    feature_sets = {
+        "random": (patches, F.normalize(torch.randn(n, slots, dim, generator=g), dim=-1)),
+        "findings": (
+            F.normalize(findings[image_index, patch_finding] + noise * torch.randn(n, kv, dim, generator=g), dim=-1),
+            F.normalize(findings[image_index, sentence_finding] + noise * torch.randn(n, slots, dim, generator=g), dim=-1),
+        ),
+    }
+    # Short name -> (description, local_ot_loss options); the first is the baseline of the ratios.
+    modes = {
+        "default": (f"default (tol {cfg.ot_tol:g})", {}),
+        "fixed": (f"fixed ({cfg.ot_max_iter} iterations)", {"fixed_iterations": True}),
+    }
+    if args.compile:
+        modes["compiled"] = ("fixed, compiled", {"fixed_iterations": True, "compiled": True})
+
+    def loss_step(features: tuple[torch.Tensor, torch.Tensor], options: dict, count: bool) -> tuple:
+        """(output, forward counter, backward counter, seconds) of one forward + backward."""
+        p, s = (f.clone().requires_grad_() for f in features)
+        fwd, bwd = DispatchCounter(), DispatchCounter()
+        start = time.perf_counter()
+        with fwd if count else contextlib.nullcontext():
+            out = local_ot_loss(
+                p, s, sentence_mask, eps=cfg.ot_epsilon, max_iter=cfg.ot_max_iter, tol=cfg.ot_tol,
+                temperature=cfg.local_temperature, chunk_pairs=cfg.ot_chunk_pairs, **options,
+            )  # fmt: skip
+        with bwd if count else contextlib.nullcontext():
+            out.loss.backward()
+        return out, fwd, bwd, time.perf_counter() - start
+
+    print(f"\nlocal_ot_loss, world size 1: N = {n} images x {n} reports, {kv} patches x {slots} sentence slots, "
+          f"d={dim}, eps {cfg.ot_epsilon}, ot_max_iter {cfg.ot_max_iter}, chunks of {cfg.ot_chunk_pairs} pairs, "
+          f"torch threads {args.threads}, torch {torch.__version__}; ops: aten ops dispatched (forward, backward); "
+          f"time: best of {args.repeats}; load average before {_load()}")
+    print(f"{'features':<8}  {'mode':<26}  {'iterations':>10}  {'pairs':>6}  {'ops fwd':>8}  {'ops bwd':>8}  "
+          f"{'host syncs':>10}  {'fwd+bwd':>9}")
+    for name, features in feature_sets.items():
+        rows = {}
+        for short, (mode, options) in modes.items():
+            compiled = bool(options.get("compiled"))
+            # The first call warms up (and compiles); counted calls are not timed (the counter is slow).
+            first = loss_step(features, options, count=False)[3]
+            if compiled:
+                print(f"{'':<8}  {mode:<26}  first call (compiles): {first:.1f} s")
+            else:
+                fwd, bwd = loss_step(features, options, count=True)[1:3]
+            timed = [loss_step(features, options, count=False) for _ in range(args.repeats)]
+            out, seconds = timed[-1][0], min(run[3] for run in timed)
+            counts_text = f"{'-':>8}  {'-':>8}  {'-':>10}" if compiled else (
+                f"{fwd.total:>8}  {bwd.total:>8}  {fwd.host_syncs + bwd.host_syncs:>10}")
+            print(f"{name:<8}  {mode:<26}  {out.stats.iterations:>10}  {out.stats.pairs:>6}  {counts_text}  "
+                  f"{seconds:>7.2f} s  loss {float(out.loss.detach()):.6f}")
+            rows[short] = (None, None, seconds) if compiled else (fwd, bwd, seconds)
+        (b_fwd, b_bwd, b_time), *others = rows.values()
+        for short, (o_fwd, o_bwd, o_time) in zip(list(rows)[1:], others, strict=True):
+            if o_fwd is None:
+                counts_text = f"{'-':>8}  {'-':>8}  {'-':>10}"
+            else:
+                syncs = f"{o_fwd.host_syncs + o_bwd.host_syncs} / {b_fwd.host_syncs + b_bwd.host_syncs}"
+                counts_text = f"{_ratio(o_fwd.total, b_fwd.total):>8}  {_ratio(o_bwd.total, b_bwd.total):>8}  {syncs:>10}"
+            print(f"{'':<8}  {f'ratio {short} / default':<26}  {'':>10}  {'':>6}  {counts_text}  {_ratio(o_time, b_time):>9}")
+    print(f"load average after {_load()}")
 
 
 def main() -> None:
@@ -45,7 +173,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", nargs="+", choices=("solvers", "dispatch"), default=["solvers", "dispatch"])
+    parser.add_argument("--dispatch-images", type=int, default=128, help="N of the dispatch part (world size 1)")
+    parser.add_argument("--compile", action="store_true", help="dispatch part: also time the compiled solver")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if "solvers" in args.parts:
+        solvers_part(args)
+    if "dispatch" in args.parts:
+        dispatch_part(args)
+
+
+def solvers_part(args: argparse.Namespace) -> None:
+    """sinkhorn_log against POT's solvers at the same iterations, then one rank's local loss."""
 
     import ot
     import ot.batch
@@ -53,7 +193,6 @@ def main() -> None:
     from mlip_dist.losses.local_ot import local_ot_loss
     from mlip_dist.losses.ot import sinkhorn_log
 
-    torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(args.seed)
     n, total, kv, slots, dim = args.local_images, args.reports, args.patches, args.sentences, args.dim
     pairs = n * total
@@ -109,7 +248,8 @@ def main() -> None:
     print(f"POT ot.sinkhorn loop        : {t_loop * 1e3:9.1f} ms  ratio POT/ours {t_loop / t_ours:5.2f}x  "
           f"max |plan diff| {loop_diff:.2e}  (measured on {subset} problems, extrapolated x{pairs / subset:.0f})")
 
-    # The full local loss of one rank: its rows (n x N) and columns (N x n), forward + backward.
+    # One rank's share from gathered features (local_ot_partial): rows n x N and the columns of the other
+    # ranks' images (N - n) x n, the local n x n block solved once for both; forward + backward.
     images_all = F.normalize(torch.randn(total, kv, dim, generator=g), dim=-1)
     images_all[:n] = patches
 
@@ -126,7 +266,7 @@ def main() -> None:
         return loss.detach(), stats
 
     t_local, (local_value, local_stats) = _time(local_step, 1)
-    print(f"local loss fwd+bwd (one rank: {2 * pairs} pairs, tol 1e-4, chunks of 4096): {t_local * 1e3:9.1f} ms  "
+    print(f"local loss fwd+bwd (one rank: {local_stats.pairs} pairs, tol 1e-4, chunks of 4096): {t_local * 1e3:9.1f} ms  "
           f"loss {float(local_value):.4f}  OT iterations {local_stats.iterations}  "
           f"marginal error {float(local_stats.marginal_error):.2e}")
     # Single-process API used by the composite loss, same shapes with N = n (sanity: runs, finite).

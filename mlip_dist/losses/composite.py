@@ -150,6 +150,8 @@ class MLIPLoss(nn.Module):
                 rank=rank,
                 world_size=world_size,
                 group=group,
+                fixed_iterations=cfg.ot_fixed_iterations,
+                compiled=cfg.ot_compile,
             )
             local_term = local.loss
             ot_iterations, ot_error, ot_pairs = local.stats.iterations, local.stats.marginal_error, local.stats.pairs

@@ -14,10 +14,26 @@ dOT_eps/dC = T*(C). So the gradient that d_ij passes to C, namely T*_ij, is the
 exact gradient of OT_eps (not of <T*(C), C>, whose derivative would add the
 dT*/dC term). ``tests/test_losses.py`` checks this against finite differences.
 
-Sharding: rank r computes sigma for (its local images) x (all reports) and for
-(all images) x (its local reports), in chunks of at most ``chunk_pairs`` pairs;
-no rank ever holds the N x N x K x M cost tensor. Option ``negatives=k`` keeps,
-per row/column, the positive plus the k hardest negatives by global similarity.
+Sharding: rank r needs sigma for (its local images) x (all reports), its rows,
+and for (all images) x (its local reports), its columns; no rank ever holds the
+N x N x K x M cost tensor, and pairs are solved in chunks of at most ``chunk_pairs``.
+Every OT problem is solved once (``OTStats.pairs`` counts them):
+
+* all negatives (:func:`local_ot_loss`): rank r solves only its rows, n x N pairs,
+  and the (n, N) distances of all ranks are gathered with gradient into the (N, N)
+  matrix whose columns ``[rn, (r + 1)n)`` are its columns. N * N pairs per world
+  at any world size (n * N per rank; N * N, not 2 N * N, in one process);
+* :func:`local_ot_partial` (one rank's share from gathered features, no collective):
+  rows n x N plus the columns of the other ranks' images (N - n) x n; the local
+  block n x n is solved once and used in both directions: 2 n N - n^2 pairs;
+* ``negatives=k``: per row/column the positive plus the k hardest negatives by
+  global similarity; the n positives are solved once, for both directions:
+  n (k' + 1) + n k' pairs per rank, k' = min(k, N - 1).
+
+Where a distance is reused its gradient takes the other path to the same features
+(the local copy instead of the gathered one, or the gathered distance instead of a
+second solve); the gathers' backward sums over ranks, so every rank's gradient is
+unchanged.
 
 Pairs whose image has no valid patch or whose report has no valid sentence are
 left out: they are not a positive and not a negative (an empty report would
@@ -27,6 +43,7 @@ otherwise have d = 0, the best possible similarity). The normaliser stays 2N.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -69,17 +86,33 @@ class LocalOTOutput:
     stats: OTStats
 
 
+class _SolveOptions(TypedDict):
+    """The solver keywords that :func:`local_ot_partial` and :func:`local_ot_loss` pass on."""
+
+    eps: float
+    max_iter: int
+    tol: float
+    chunk_pairs: int
+    fixed_iterations: bool
+    compiled: bool
+
+
 @dataclass
 class _Solver:
     eps: float
     max_iter: int
     tol: float
+    fixed_iterations: bool = False
+    compiled: bool = False
 
     def distance(
         self, cost: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor
     ) -> tuple[torch.Tensor, OTStats]:
         """d = <T*, C> per problem of a (P, K, M) cost; T* from a no-grad solve."""
-        result = sinkhorn_log(cost.detach(), row_mask, col_mask, self.eps, self.max_iter, self.tol)
+        result = sinkhorn_log(
+            cost.detach(), row_mask, col_mask, self.eps, self.max_iter, self.tol,
+            fixed_iterations=self.fixed_iterations, compiled=self.compiled,
+        )  # fmt: skip
         distance = (result.plan * cost).sum(dim=(1, 2))
         return distance, OTStats(result.iterations, result.marginal_error.detach(), cost.shape[0])
 
@@ -117,17 +150,21 @@ def ot_distance_grid(
     max_iter: int = 50,
     tol: float = 1e-4,
     chunk_pairs: int = 4096,
+    fixed_iterations: bool = False,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, OTStats]:
-    """OT distances d_ij for every image i in ``patches`` (A, K, d) and report j in ``sentences`` (R, S, d).
+    """OT distances d_ij = <T*_ij, C_ij> (METHOD.md, Losses 3) for every image i in ``patches`` (A, K, d)
+    and report j in ``sentences`` (R, S, d).
 
-    Returns (A, R) distances (differentiable w.r.t. both feature tensors) and solver stats.
-    At most ``chunk_pairs`` (i, j) pairs are solved at once; cost blocks come from one
-    matmul of the un-expanded features, so autograd keeps only the plans.
+    Returns (A, R) distances (differentiable w.r.t. both feature tensors) and solver stats; each
+    of the A * R pairs is solved exactly once. At most ``chunk_pairs`` (i, j) pairs are solved
+    at once; cost blocks come from one matmul of the un-expanded features, so autograd keeps
+    only the plans. ``fixed_iterations`` and ``compiled``: see :func:`sinkhorn_log`.
     """
     num_images, num_reports = patches.shape[0], sentences.shape[0]
     report_block = max(1, min(num_reports, chunk_pairs))
     image_block = max(1, chunk_pairs // report_block)
-    solver = _Solver(eps, max_iter, tol)
+    solver = _Solver(eps, max_iter, tol, fixed_iterations, compiled)
     rows, stats = [], []
     for a0 in range(0, num_images, image_block):
         a1 = min(num_images, a0 + image_block)
@@ -159,9 +196,14 @@ def ot_distance_pairs(
     max_iter: int = 50,
     tol: float = 1e-4,
     chunk_pairs: int = 4096,
+    fixed_iterations: bool = False,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, OTStats]:
-    """OT distances for an explicit list of pairs (image_index[p], report_index[p]); returns (P,)."""
-    solver = _Solver(eps, max_iter, tol)
+    """OT distances (METHOD.md, Losses 3) for an explicit list of pairs (image_index[p], report_index[p]).
+
+    Returns (P,) distances, each listed pair solved once (a pair listed twice is solved twice).
+    """
+    solver = _Solver(eps, max_iter, tol, fixed_iterations, compiled)
     out, stats = [], []
     for p0 in range(0, image_index.numel(), chunk_pairs):
         img = image_index[p0 : p0 + chunk_pairs]
@@ -192,6 +234,25 @@ def _info_nce_terms(logits: torch.Tensor, target: torch.Tensor, row_ok: torch.Te
     return torch.where(row_ok, ce, torch.zeros_like(ce)).sum()
 
 
+def _info_nce_partial(
+    d_rows: torch.Tensor,
+    d_cols: torch.Tensor,
+    row_candidates_ok: torch.Tensor,
+    col_candidates_ok: torch.Tensor,
+    target: torch.Tensor,
+    pair_ok_local: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Sum of the rank's row and column InfoNCE terms over sigma / tau = (1 - d) / tau (METHOD.md, Losses 3).
+
+    ``d_rows[i, c]``: local image i vs its c-th candidate report; ``d_cols[j, c]``: local report j vs
+    its c-th candidate image; candidates that are not ok are excluded, ``target`` is the positive.
+    """
+    logits_rows = ((1 - d_rows) / temperature).masked_fill(~row_candidates_ok, float("-inf"))
+    logits_cols = ((1 - d_cols) / temperature).masked_fill(~col_candidates_ok, float("-inf"))
+    return _info_nce_terms(logits_rows, target, pair_ok_local) + _info_nce_terms(logits_cols, target, pair_ok_local)
+
+
 def local_ot_partial(
     patch_local: torch.Tensor,
     patch_all: torch.Tensor,
@@ -210,13 +271,19 @@ def local_ot_partial(
     negatives: int | None = None,
     similarity_rows: torch.Tensor | None = None,
     similarity_cols: torch.Tensor | None = None,
+    fixed_iterations: bool = False,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, OTStats]:
-    """Rank-local share of L_local: local image rows and local report columns, divided by 2N.
+    """Rank-local share of L_local (METHOD.md, Losses 3): local image rows and local report columns, over 2N.
 
     ``*_local`` are this rank's n pairs, ``*_all`` the gathered N pairs (local ones at rows
     ``[offset, offset + n)``). With ``negatives=k``, ``similarity_rows`` (n, N) = <v_i, r_j> of
     local images vs all reports and ``similarity_cols`` (n, N) = <r_j, v_i> of local reports vs
     all images rank the negatives. Summing over ranks gives L_local exactly.
+
+    No pair is solved twice: all negatives, 2 n N - n^2 pairs (the local n x n block serves rows
+    and columns; N^2 when n = N); ``negatives=k``, n (k' + 1) + n k' with k' = min(k, N - 1)
+    (the positives serve both directions).
     """
     n, total = patch_local.shape[0], patch_all.shape[0]
     device = patch_local.device
@@ -230,36 +297,46 @@ def local_ot_partial(
     pair_ok_local = pair_ok_all[offset : offset + n]
     local_index = torch.arange(n, device=device)
     positive = local_index + offset
-    solve = {"eps": eps, "max_iter": max_iter, "tol": tol, "chunk_pairs": chunk_pairs}
+    solve = _SolveOptions(
+        eps=eps, max_iter=max_iter, tol=tol, chunk_pairs=chunk_pairs, fixed_iterations=fixed_iterations,
+        compiled=compiled,
+    )  # fmt: skip
 
     if negatives is None:
         d_rows, stats_rows = ot_distance_grid(patch_local, sentence_all, patch_mask_local, sentence_mask_all, **solve)
-        d_cols, stats_cols = ot_distance_grid(patch_all, sentence_local, patch_mask_all, sentence_mask_local, **solve)
-        logits_rows = ((1 - d_rows) / temperature).masked_fill(~pair_ok_all[None, :], float("-inf"))
-        logits_cols = ((1 - d_cols.t()) / temperature).masked_fill(~pair_ok_all[None, :], float("-inf"))
-        target = positive
-    else:
-        if similarity_rows is None or similarity_cols is None:
-            raise ValueError("local_ot_partial: negatives=k needs similarity_rows and similarity_cols")
-        rows_index = _hardest(similarity_rows, positive, pair_ok_all, negatives)  # reports per local image
-        cols_index = _hardest(similarity_cols, positive, pair_ok_all, negatives)  # images per local report
-        width = rows_index.shape[1]
-        d_rows, stats_rows = ot_distance_pairs(
-            patch_local, sentence_all, patch_mask_local, sentence_mask_all,
-            local_index.repeat_interleave(width), rows_index.reshape(-1), **solve,
-        )  # fmt: skip
-        d_cols, stats_cols = ot_distance_pairs(
-            patch_all, sentence_local, patch_mask_all, sentence_mask_local,
-            cols_index.reshape(-1), local_index.repeat_interleave(width), **solve,
-        )  # fmt: skip
-        logits_rows = ((1 - d_rows.view(n, width)) / temperature).masked_fill(
-            ~pair_ok_all[rows_index], float("-inf")
+        # Columns: the local images' block is d_rows[:, local] (solved above); only the other images are solved.
+        end = offset + n
+        d_above, stats_above = ot_distance_grid(
+            patch_all[:offset], sentence_local, patch_mask_all[:offset], sentence_mask_local, **solve
         )
-        logits_cols = ((1 - d_cols.view(n, width)) / temperature).masked_fill(
-            ~pair_ok_all[cols_index], float("-inf")
+        d_below, stats_below = ot_distance_grid(
+            patch_all[end:], sentence_local, patch_mask_all[end:], sentence_mask_local, **solve
         )
-        target = torch.zeros(n, dtype=torch.long, device=device)
-    loss = (_info_nce_terms(logits_rows, target, pair_ok_local) + _info_nce_terms(logits_cols, target, pair_ok_local))
+        d_cols = torch.cat([d_above, d_rows[:, offset:end], d_below], dim=0).t()
+        candidates_ok = pair_ok_all[None, :].expand(n, total)
+        loss = _info_nce_partial(d_rows, d_cols, candidates_ok, candidates_ok, positive, pair_ok_local, temperature)
+        return loss / (2 * total), OTStats.merge([stats_rows, stats_above, stats_below], device)
+
+    if similarity_rows is None or similarity_cols is None:
+        raise ValueError("local_ot_partial: negatives=k needs similarity_rows and similarity_cols")
+    rows_index = _hardest(similarity_rows, positive, pair_ok_all, negatives)  # reports per local image
+    cols_index = _hardest(similarity_cols, positive, pair_ok_all, negatives)  # images per local report
+    width = rows_index.shape[1]
+    d_rows, stats_rows = ot_distance_pairs(
+        patch_local, sentence_all, patch_mask_local, sentence_mask_all,
+        local_index.repeat_interleave(width), rows_index.reshape(-1), **solve,
+    )  # fmt: skip
+    d_rows = d_rows.view(n, width)
+    # Column j's positive (image offset + j, local report j) is row j's positive: reuse it, solve the negatives.
+    d_cols_negative, stats_cols = ot_distance_pairs(
+        patch_all, sentence_local, patch_mask_all, sentence_mask_local,
+        cols_index[:, 1:].reshape(-1), local_index.repeat_interleave(width - 1), **solve,
+    )  # fmt: skip
+    d_cols = torch.cat([d_rows[:, :1], d_cols_negative.view(n, width - 1)], dim=1)
+    target = torch.zeros(n, dtype=torch.long, device=device)
+    loss = _info_nce_partial(
+        d_rows, d_cols, pair_ok_all[rows_index], pair_ok_all[cols_index], target, pair_ok_local, temperature
+    )
     return loss / (2 * total), OTStats.merge([stats_rows, stats_cols], device)
 
 
@@ -279,6 +356,8 @@ def local_ot_loss(
     rank: int = 0,
     world_size: int = 1,
     group: torch.distributed.ProcessGroup | None = None,
+    fixed_iterations: bool = False,
+    compiled: bool = False,
 ) -> LocalOTOutput:
     """L_local for this rank (METHOD.md, Losses 3), scaled so the mean over ranks is the full-batch loss.
 
@@ -287,6 +366,12 @@ def local_ot_loss(
         sentence_features: (n, S, d) local sentence features; ``sentence_mask`` (n, S) bool.
         image_global, report_global: (n, d) global features; needed only with ``negatives``.
         rank, world_size, group: the distributed setting (all ranks: same n and Kv; S may differ).
+        fixed_iterations: exactly ``max_iter`` Sinkhorn iterations, no host sync in the solver.
+        compiled: the solver's steps through ``torch.compile`` (see :func:`sinkhorn_log`).
+
+    Pairs solved per rank (``stats.pairs``): all negatives, n * N (every pair once per world);
+    ``negatives=k``, n (k' + 1) + n k' with k' = min(k, N - 1). With ``world_size > 1`` the only
+    host sync outside the solver is the agreement on the sentence slot count (one integer).
     """
     device = patch_features.device
     n = patch_features.shape[0]
@@ -297,17 +382,34 @@ def local_ot_loss(
     sentence_features = pad_dim_to(sentence_features, slots, dim=1)
     sentence_mask = pad_dim_to(sentence_mask.bool(), slots, dim=1, value=False)
 
-    patch_all = gather_with_grad(patch_features, world_size, group)
     sentence_all = gather_with_grad(sentence_features, world_size, group)
     patch_mask_all = gather_no_grad(patch_mask.bool(), world_size, group)
     sentence_mask_all = gather_no_grad(sentence_mask, world_size, group)
-    similarity_rows = similarity_cols = None
-    if negatives is not None:
-        if image_global is None or report_global is None:
-            raise ValueError("local_ot_loss: negatives=k needs image_global and report_global to rank negatives")
-        with torch.no_grad():
-            similarity_rows = image_global.float() @ gather_no_grad(report_global, world_size, group).float().t()
-            similarity_cols = report_global.float() @ gather_no_grad(image_global, world_size, group).float().t()
+    solve = _SolveOptions(
+        eps=eps, max_iter=max_iter, tol=tol, chunk_pairs=chunk_pairs, fixed_iterations=fixed_iterations,
+        compiled=compiled,
+    )  # fmt: skip
+    offset, total = rank * n, world_size * n
+    if negatives is None:
+        # Only this rank's rows are solved; its columns are the other ranks' rows, gathered with
+        # gradient (their backward returns each column's gradient to the rank that solved it).
+        d_rows, stats = ot_distance_grid(patch_features, sentence_all, patch_mask, sentence_mask_all, **solve)
+        d_all = gather_with_grad(d_rows, world_size, group)
+        pair_ok_all = patch_mask_all.any(1) & sentence_mask_all.any(1)
+        candidates_ok = pair_ok_all[None, :].expand(n, total)
+        positive = torch.arange(offset, offset + n, device=device)
+        partial = _info_nce_partial(
+            d_rows, d_all[:, offset : offset + n].t(), candidates_ok, candidates_ok, positive,
+            pair_ok_all[offset : offset + n], temperature,
+        ) / (2 * total)  # fmt: skip
+        return LocalOTOutput(loss=partial * world_size, stats=stats)
+
+    if image_global is None or report_global is None:
+        raise ValueError("local_ot_loss: negatives=k needs image_global and report_global to rank negatives")
+    patch_all = gather_with_grad(patch_features, world_size, group)
+    with torch.no_grad():
+        similarity_rows = image_global.float() @ gather_no_grad(report_global, world_size, group).float().t()
+        similarity_cols = report_global.float() @ gather_no_grad(image_global, world_size, group).float().t()
     partial, stats = local_ot_partial(
         patch_features,
         patch_all,
@@ -315,16 +417,13 @@ def local_ot_loss(
         sentence_all,
         sentence_mask,
         sentence_mask_all,
-        offset=rank * n,
+        offset=offset,
         patch_mask_local=patch_mask,
         patch_mask_all=patch_mask_all,
-        eps=eps,
-        max_iter=max_iter,
-        tol=tol,
         temperature=temperature,
-        chunk_pairs=chunk_pairs,
         negatives=negatives,
         similarity_rows=similarity_rows,
         similarity_cols=similarity_cols,
+        **solve,
     )
     return LocalOTOutput(loss=partial * world_size, stats=stats)

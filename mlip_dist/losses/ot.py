@@ -33,6 +33,8 @@ convergence to the next log-domain step but never produces inf or NaN.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,53 @@ def _log_col_update(
     return torch.where(col_valid, beta, torch.zeros_like(beta))
 
 
+def _log_step(
+    neg_cost: torch.Tensor,
+    beta: torch.Tensor,
+    v: torch.Tensor,
+    log_a: torch.Tensor,
+    log_c: torch.Tensor,
+    row_valid: torch.Tensor,
+    col_valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorb the column scaling ``v`` into ``beta``, one exact log-domain iteration, the stabilised kernel.
+
+    Returns ``(kernel, beta)`` with ``kernel = exp(-C/eps + alpha + beta)`` (entries <= 1) after the
+    row then column update. ``alpha`` needs no absorption: the row update depends on ``beta`` only.
+    """
+    beta = beta + torch.where(col_valid, v.squeeze(2).log(), torch.zeros_like(beta))
+    alpha = _log_row_update(neg_cost, beta, log_a, row_valid)
+    beta = _log_col_update(neg_cost, alpha, log_c, col_valid)
+    kernel = torch.add(neg_cost, alpha[:, :, None]).add_(beta[:, None, :]).exp_()
+    return kernel, beta
+
+
+def _scaling_steps(
+    kernel: torch.Tensor, a: torch.Tensor, c: torch.Tensor, tiny: float, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` scaling iterations ``u = a / (G v)``, ``v = c / (G^T u)`` on the kernel G, from ``v = 1``.
+
+    Returns (u, v) of shapes (B, K, 1) and (B, M, 1); the plan is ``u * G * v^T``.
+    """
+    a, c = a[:, :, None], c[:, :, None]
+    kernel_t = kernel.transpose(1, 2)
+    u = torch.ones_like(a)
+    v = torch.ones_like(c)
+    for _ in range(steps):
+        u = a / torch.bmm(kernel, v).clamp_(min=tiny)
+        v = c / torch.bmm(kernel_t, u).clamp_(min=tiny)
+    return u, v
+
+
+_Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@functools.cache
+def _compiled(step: _Step) -> _Step:
+    """``torch.compile`` of one solver step, built once per process; whole graphs only (no silent graph break)."""
+    return torch.compile(step, fullgraph=True)
+
+
 @torch.no_grad()
 def sinkhorn_log(
     cost: torch.Tensor,
@@ -96,6 +145,8 @@ def sinkhorn_log(
     max_iter: int = 50,
     tol: float = 1e-4,
     check_every: int = 10,
+    fixed_iterations: bool = False,
+    compiled: bool = False,
 ) -> SinkhornResult:
     """Entropic OT plans for a batch of padded problems (METHOD.md, Losses 3).
 
@@ -109,11 +160,17 @@ def sinkhorn_log(
             Checked every ``check_every`` iterations only, so an accelerator syncs rarely;
             ``tol <= 0`` runs exactly ``max_iter`` iterations.
         check_every: interval of log-domain (re-stabilising) iterations and convergence checks.
+        fixed_iterations: run exactly ``max_iter`` iterations whatever ``tol`` (as ``tol <= 0``): the loop
+            then never reads a tensor on the host (no ``.item()``, no ``bool(tensor)``: no accelerator
+            sync); the returned ``marginal_error`` is computed on the device, for logging only.
+        compiled: run the log-domain step and the scaling steps through ``torch.compile`` (inductor: a
+            C++ compiler on CPU, triton on GPU); the first call per shape compiles, later calls reuse it.
 
     Guarantees: no gradient (the plan is meant to be used through the envelope theorem,
     see :mod:`mlip_dist.losses.local_ot`); computed in float32, or float64 for float64
     input, even under autocast; padded rows/columns and problems without a valid row or
-    column get exactly zero mass; the result is finite for any finite cost.
+    column get exactly zero mass; the result is finite for any finite cost. The iterates
+    do not depend on ``fixed_iterations`` or ``compiled`` (up to rounding for ``compiled``).
     """
     if cost.dim() != 3:
         raise ValueError(f"sinkhorn_log: cost must be (B, K, M), got shape {tuple(cost.shape)}")
@@ -121,6 +178,8 @@ def sinkhorn_log(
         raise ValueError(f"sinkhorn_log: eps must be positive, got {eps}")
     if check_every < 1:
         raise ValueError(f"sinkhorn_log: check_every must be >= 1, got {check_every}")
+    if max_iter < 1:
+        raise ValueError(f"sinkhorn_log: max_iter must be >= 1, got {max_iter}")
     batch, rows, cols = cost.shape
     device = cost.device
     if row_mask is None:
@@ -133,6 +192,9 @@ def sinkhorn_log(
             f"{tuple(cost.shape)}"
         )
     dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
+    adaptive = tol > 0 and not fixed_iterations
+    log_step = _compiled(_log_step) if compiled else _log_step
+    scaling_steps = _compiled(_scaling_steps) if compiled else _scaling_steps
     # bf16/fp16 would make exp(-C/eps) meaningless at eps=0.05: always solve in fp32 or better.
     with torch.autocast(device_type=device.type, enabled=False):
         a, c, row_valid, col_valid = uniform_marginals(row_mask.bool(), col_mask.bool(), dtype)
@@ -147,42 +209,29 @@ def sinkhorn_log(
         # mass (u = a / tiny is finite) until the next log-domain step rescues it.
         tiny = torch.finfo(dtype).tiny
 
-        alpha = torch.zeros(batch, rows, dtype=dtype, device=device)
         beta = torch.zeros(batch, cols, dtype=dtype, device=device)
-        kernel = torch.empty_like(neg_cost)
         u = torch.ones(batch, rows, 1, dtype=dtype, device=device)
         v = torch.ones(batch, cols, 1, dtype=dtype, device=device)
-        kernel_v = torch.empty(batch, rows, 1, dtype=dtype, device=device)
-        kernel_t_u = torch.empty(batch, cols, 1, dtype=dtype, device=device)
+        kernel: torch.Tensor | None = None  # set by the first iteration, a log-domain step
         marginal_error = torch.zeros((), dtype=dtype, device=device)
         iterations = 0
         while iterations < max_iter:
-            if iterations % check_every == 0:
-                # Log-domain step: absorb the scalings into the potentials, then one exact update.
-                if iterations > 0:
-                    beta = beta + torch.where(col_valid, v.squeeze(2).log(), torch.zeros_like(beta))
-                alpha = _log_row_update(neg_cost, beta, log_a, row_valid)
-                beta = _log_col_update(neg_cost, alpha, log_c, col_valid)
-                torch.add(neg_cost, alpha[:, :, None], out=kernel)
-                kernel.add_(beta[:, None, :]).exp_()
-                u.fill_(1.0)
-                v.fill_(1.0)
-                iterations += 1
-                if tol > 0:
-                    # Columns are exact after the column update; rows carry the whole error.
-                    row_error = (kernel.sum(dim=2) - a).abs().sum(dim=1)
-                    marginal_error = row_error.max() if batch else marginal_error
-                    if bool(marginal_error < tol):
-                        break
-                continue
-            # Plain scaling step on the stabilised kernel (u, v start at 1 after each absorption).
-            torch.bmm(kernel, v, out=kernel_v)
-            torch.div(a[:, :, None], kernel_v.clamp_(min=tiny), out=u)
-            torch.bmm(kernel.transpose(1, 2), u, out=kernel_t_u)
-            torch.div(c[:, :, None], kernel_t_u.clamp_(min=tiny), out=v)
-            # alpha needs no absorption: the next log-domain row update depends on beta only.
+            # Every check_every-th iteration (and the first) is a log-domain step that re-stabilises.
+            kernel, beta = log_step(neg_cost, beta, v, log_a, log_c, row_valid, col_valid)
+            u, v = torch.ones_like(u), torch.ones_like(v)
             iterations += 1
+            if adaptive:
+                # Columns are exact after the column update; rows carry the whole error.
+                marginal_error = (kernel.sum(dim=2) - a).abs().sum(dim=1).max() if batch else marginal_error
+                if bool(marginal_error < tol):  # the one host read per check_every iterations
+                    break
+            # The iterations in between: plain scaling steps on the stabilised kernel.
+            steps = min(check_every - 1, max_iter - iterations)
+            if steps:
+                u, v = scaling_steps(kernel, a, c, tiny, steps)
+                iterations += steps
 
+        assert kernel is not None
         plan = kernel.mul_(u).mul_(v.transpose(1, 2))
         # Padded entries are exactly zero already (exp(-inf) = 0, u = 0 on padded rows).
         if batch:
