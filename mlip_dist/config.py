@@ -239,7 +239,10 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/synthetic"  # folder with dataset.json
+    # Folder with dataset.json, or a remote base that dataset.json and the shard names are resolved against:
+    # http(s)://host/mimic/, s3://bucket/mimic, gs://bucket/mimic (fsspec: pip install -e .[remote]) or a
+    # command template "pipe:aws s3 cp s3://bucket/mimic/{} -" ({} = the file name). See data/remote.py.
+    shards: str = "shards/synthetic"
     train_split: str = "train"
     val_split: str = "validate"
     # Image size, report length (tokens) and sentences per report are the model's: model.image.image_size,
@@ -251,6 +254,12 @@ class DataConfig:
     resampled: bool = False
     augment: bool = True
     seed: int = bounded(0, ge=0, le=SEED_MAX)
+    # Remote shards are fetched whole into a cache folder and read from there (local folders are read in
+    # place). None: a folder in the system temp folder, shared by the ranks and workers of a node.
+    cache_dir: str | None = None
+    cache_max_bytes: int = bounded(64 * 2**30, ge=1)  # least recently used shards evicted beyond this
+    fetch_timeout_s: float = bounded(60.0, gt=0.0)  # a connection or one read stalled longer is retried
+    fetch_retries: int = bounded(3, ge=0, le=20)  # exponential back-off; then the shard's positions are lost
 
 
 @dataclass

@@ -95,7 +95,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_run(args.checkpoint, device, select=args.select)
     config, model = loaded.config, loaded.model
     tokenizer = load_tokenizer(config)
-    dataset_info = json.loads((Path(args.data) / "dataset.json").read_text())
+    from mlip_dist.data import remote
+
+    dataset_info = json.loads(remote.read_text(remote.join(args.data, "dataset.json")))  # a folder or a URL
     prompts = load_prompts(args.prompts)
     kind, classes = tasks.classes_for(dataset_info, prompts)
     wanted = TASKS if args.task == "all" else (args.task,)

@@ -69,6 +69,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mlip_dist.data import remote
 from mlip_dist.data.batch import MLIPBatch
 
 logger = logging.getLogger(__name__)
@@ -84,26 +85,41 @@ class NotEnoughShardsError(ValueError):
 
 @dataclass(frozen=True)
 class SplitInfo:
-    shards: list[str]  # absolute paths
+    shards: list[str]  # absolute paths, or URLs / pipe commands of a remote base (mlip_dist.data.remote)
     count: int
     # Samples of each shard, parallel to ``shards``; None when dataset.json predates them (see
     # ``count_shard_samples``, which the training loader calls then).
     shard_samples: list[int] | None = None
+    dataset_json: str = ""  # sha256 of the dataset.json read: names the shard cache of a remote base
 
 
-def read_dataset_info(shard_dir: str | Path, split: str) -> SplitInfo:
-    """Read ``<shard_dir>/dataset.json`` and return the shard paths and sample counts of ``split``."""
-    shard_dir = Path(shard_dir)
-    info_path = shard_dir / "dataset.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path} not found: pack shards first with tools/make_shards.py")
-    info = json.loads(info_path.read_text())
+def read_dataset_info(shard_dir: str | Path, split: str, *, timeout_s: float | None = None,
+                      retries: int | None = None) -> SplitInfo:
+    """Read ``<shard_dir>/dataset.json`` and return the shard paths and sample counts of ``split``.
+
+    ``shard_dir`` may be remote (a URL or ``pipe:`` template, :mod:`mlip_dist.data.remote`): dataset.json is
+    then fetched (``timeout_s``/``retries``, default :func:`remote.configure`; a ``FetchError`` names its URL
+    and the reason) and the shards are URLs, fetched into a cache when read.
+    """
+    if remote.is_remote(shard_dir):
+        info_path: Any = remote.join(shard_dir, "dataset.json")
+        text = remote.read_text(info_path, timeout_s=timeout_s, retries=retries)
+    else:
+        shard_dir = Path(shard_dir)
+        info_path = shard_dir / "dataset.json"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{info_path} not found: pack shards first with tools/make_shards.py")
+        text = info_path.read_text()
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{info_path}: not JSON ({exc})") from exc
     splits = info.get("splits", info)
     if split not in splits:
         raise KeyError(f"{info_path}: no split {split!r}; available: {', '.join(sorted(splits))}")
     entry = splits[split]
-    shards = [str(shard_dir / name) for name in entry["shards"]]
-    missing = [s for s in shards if not Path(s).is_file()]
+    shards = [remote.join(shard_dir, name) for name in entry["shards"]]
+    missing = [] if remote.is_remote(shard_dir) else [s for s in shards if not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"{info_path}: {len(missing)} shard(s) listed but missing, e.g. {missing[0]}")
     shard_samples = entry.get("shard_samples")
@@ -116,7 +132,8 @@ def read_dataset_info(shard_dir: str | Path, split: str) -> SplitInfo:
         if sum(shard_samples) != int(entry["num_samples"]):
             logger.warning("%s: split %r: shard_samples sum to %d, num_samples is %d", info_path, split,
                            sum(shard_samples), int(entry["num_samples"]))
-    return SplitInfo(shards=shards, count=int(entry["num_samples"]), shard_samples=shard_samples)
+    return SplitInfo(shards=shards, count=int(entry["num_samples"]), shard_samples=shard_samples,
+                     dataset_json=hashlib.sha256(text.encode()).hexdigest())
 
 
 def _seed(*parts: Any) -> int:
@@ -348,13 +365,16 @@ def index_shard(path: str, expected: int | None = None) -> ShardIndex:
     return index
 
 
-def count_shard_samples(shards: list[str]) -> list[int]:
-    """Samples of each shard, counted from the tar headers (for a dataset.json without ``shard_samples``)."""
+def count_shard_samples(shards: list[str], cache: remote.ShardCache | None = None) -> list[int]:
+    """Samples of each shard, counted from the tar headers (for a dataset.json without ``shard_samples``);
+    remote shards are fetched into ``cache`` for that."""
     start = time.perf_counter()
     counts = []
     for shard in shards:
         try:
-            index = index_shard(shard)
+            index = index_shard(str(cache.local_path(shard)) if cache is not None else shard)
+            if cache is not None:
+                cache.release()
         except OSError as exc:
             logger.warning("cannot count the samples of shard %s (%s): counted as 0", shard, exc)
             counts.append(0)
@@ -373,10 +393,17 @@ class ShardReader:
 
     Keeps the indexes of the last ``max_indexes`` shards it read and ``max_open_files`` open files (LRU).
     A shard is checked (``stat``) once per batch (``begin_batch``); when it changed on disk it is re-indexed.
+    With a ``cache`` the shards are URLs (remote base): each is fetched whole into the cache when first used
+    in a batch (pinned there until the next ``begin_batch``) and read from the local copy; a shard that
+    cannot be fetched (after the cache's retries) is unreadable, and not fetched again in the same epoch.
     """
 
-    def __init__(self, expected: dict[str, int] | None = None, max_open_files: int = 8, max_indexes: int = 32):
+    def __init__(self, expected: dict[str, int] | None = None, max_open_files: int = 8, max_indexes: int = 32,
+                 cache: remote.ShardCache | None = None):
         self.expected = expected or {}
+        self.cache = cache
+        self._epoch: int | None = None
+        self._fetch_failed: dict[str, int | None] = {}  # shard -> epoch its fetch failed in
         self.max_open_files = max(1, max_open_files)
         self.max_indexes = max(1, max_indexes)
         self._indexes: OrderedDict[str, ShardIndex] = OrderedDict()
@@ -384,8 +411,23 @@ class ShardReader:
         self._checked: dict[str, str | None] = {}  # this batch: shard -> None (fine) or why unreadable
         self._reported: set[tuple[str, str]] = set()
 
-    def begin_batch(self) -> None:
+    def begin_batch(self, epoch: int | None = None) -> None:
         self._checked.clear()
+        self._epoch = epoch
+        if self.cache is not None:
+            self.cache.release()
+
+    def _local(self, shard: str) -> str:
+        """The file to read for ``shard``: itself, or its local copy in the cache (fetched when absent)."""
+        if self.cache is None:
+            return shard
+        if shard in self._fetch_failed and self._fetch_failed[shard] == self._epoch:
+            raise OSError(f"fetch failed earlier in epoch {self._epoch}; tried again next epoch")
+        try:
+            return str(self.cache.local_path(shard))
+        except remote.FetchError:
+            self._fetch_failed[shard] = self._epoch
+            raise
 
     def close(self) -> None:
         for fd in self._files.values():
@@ -420,13 +462,16 @@ class ShardReader:
                 self._indexes.move_to_end(shard)
                 return index
         try:
-            signature = _signature(os.stat(shard))
-            if index is None or index.signature != signature:
+            local = self._local(shard)
+            signature = _signature(os.stat(local))
+            if index is None or index.signature != signature or index.path != local:
                 if index is not None:
-                    logger.warning("shard %s changed on disk: re-indexing it", shard)
+                    (logger.info if self.cache is not None else logger.warning)(
+                        "shard %s changed on disk%s: re-indexing it", shard,
+                        " (fetched into the cache again)" if self.cache is not None else "")
                 self._drop(shard)
                 expected = self.expected.get(shard)
-                index = index_shard(shard, expected)
+                index = index_shard(local, expected)
                 self._indexes[shard] = index
                 while len(self._indexes) > self.max_indexes:
                     self._drop(next(iter(self._indexes)))
@@ -449,7 +494,7 @@ class ShardReader:
     def _fd(self, shard: str) -> int:
         fd = self._files.get(shard)
         if fd is None:
-            fd = os.open(shard, os.O_RDONLY)
+            fd = os.open(self._indexes[shard].path, os.O_RDONLY)  # the shard, or its copy in the cache
             self._files[shard] = fd
             while len(self._files) > self.max_open_files:
                 os.close(self._files.popitem(last=False)[1])
@@ -567,6 +612,7 @@ class ShardStream(IterableDataset):
         shard_samples: list[int] | None = None,
         max_open_files: int = 8,
         max_indexes: int = 32,
+        cache: remote.ShardCache | None = None,
     ):
         if batches_per_epoch < 1:
             raise ValueError("batches_per_epoch must be >= 1: the split has fewer samples than one global batch")
@@ -579,7 +625,8 @@ class ShardStream(IterableDataset):
         if not shards:
             raise ValueError("no shards")
         self.shards = list(shards)
-        counts = list(shard_samples) if shard_samples is not None else count_shard_samples(self.shards)
+        self.cache = cache  # remote shards (URLs): fetched whole into this cache, then read locally
+        counts = list(shard_samples) if shard_samples is not None else count_shard_samples(self.shards, cache)
         if len(counts) != len(self.shards):
             raise ValueError(f"{len(counts)} sample counts for {len(self.shards)} shards")
         if sum(counts) == 0:
@@ -624,10 +671,10 @@ class ShardStream(IterableDataset):
         """This rank's micro-batch of absolute step ``step``."""
         if self._reader is None:
             self._reader = ShardReader({s: n for s, n in zip(self.shards, self.shard_samples, strict=True)},
-                                       self.max_open_files, self.max_indexes)
+                                       self.max_open_files, self.max_indexes, cache=self.cache)
         reader = self._reader
-        reader.begin_batch()
         epoch, batch_index = divmod(step, self.batches_per_epoch)
+        reader.begin_batch(epoch)
         order = self.epoch_order(epoch)
         first = batch_index * self.global_batch_size
         decoded: list[DecodedSample] = []
@@ -733,16 +780,27 @@ def build_train_loader(
     seed: int = 0,
     start_batch: int = 0,
     max_open_files: int = 8,
+    cache_dir: str | None = None,
+    cache_max_bytes: int | None = None,
+    fetch_timeout_s: float | None = None,
+    fetch_retries: int | None = None,
 ) -> tuple[DataLoader, int]:
-    """Return an endless per-rank loader, starting at absolute step ``start_batch``, and the steps in one epoch."""
+    """Return an endless per-rank loader, starting at absolute step ``start_batch``, and the steps in one epoch.
+
+    ``shard_dir`` may be a URL or ``pipe:`` template (:mod:`mlip_dist.data.remote`): its shards are fetched
+    whole into a cache (``cache_dir``, ``cache_max_bytes``, ``fetch_timeout_s``, ``fetch_retries``: DataConfig's
+    fields; None: :func:`remote.configure`'s defaults) and read from there. The order is the same either way.
+    """
     if micro_batch_size * world_size != global_batch_size:
         raise ValueError(f"micro batch {micro_batch_size} x world size {world_size} != global batch "
                          f"{global_batch_size}: the loader splits each global batch over the ranks")
-    split_info = read_dataset_info(shard_dir, split)
+    split_info = read_dataset_info(shard_dir, split, timeout_s=fetch_timeout_s, retries=fetch_retries)
+    cache = remote.cache_for(shard_dir, dataset_json=split_info.dataset_json, cache_dir=cache_dir,
+                             max_bytes=cache_max_bytes, timeout_s=fetch_timeout_s, retries=fetch_retries)
     batches_per_epoch = split_info.count // global_batch_size
     shard_samples = split_info.shard_samples
     if shard_samples is None:
-        shard_samples = count_shard_samples(split_info.shards)
+        shard_samples = count_shard_samples(split_info.shards, cache)
     stream = ShardStream(
         split_info.shards,
         rank=rank,
@@ -758,6 +816,7 @@ def build_train_loader(
         num_workers=num_workers,
         shard_samples=shard_samples,
         max_open_files=max_open_files,
+        cache=cache,
     )
     loader = TrainLoader(
         stream,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mlip_dist.data import remote
 from mlip_dist.data.loader import (
     AugmentConfig,
+    SplitInfo,
     count_shard_samples,
     decode_image,
     iterate_tar_samples,
@@ -27,6 +30,8 @@ from mlip_dist.data.loader import (
     read_dataset_info,
 )
 from mlip_dist.text.tokenize import tokenize_with_spans
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,13 +64,21 @@ def _decode_mask(data: bytes, size: int) -> np.ndarray:
     return TF.resize(tensor, [size, size], interpolation=TF.InterpolationMode.NEAREST)[0].numpy()
 
 
-def split_subset(shard_dir: str, split: str, max_samples: int | None = None) -> list[tuple[str, int | None]]:
+def split_subset(shard_dir: str, split: str, max_samples: int | None = None,
+                 cache: remote.ShardCache | None = None) -> list[tuple[str, int | None]]:
     """(shard, samples to read or None for all) of ``split``: every shard, or with ``max_samples`` the first
-    ``max_samples`` samples in ``dataset.json`` order, the same set whatever the world size."""
+    ``max_samples`` samples in ``dataset.json`` order, the same set whatever the world size. Shards of a
+    remote base are URLs (counting them, for an old dataset.json, fetches them into ``cache``)."""
     info = read_dataset_info(shard_dir, split)
+    if cache is None and max_samples is not None and info.shard_samples is None:
+        cache = remote.cache_for(shard_dir, dataset_json=info.dataset_json)
+    return _subset(info, max_samples, cache)
+
+
+def _subset(info: SplitInfo, max_samples: int | None, cache: remote.ShardCache | None) -> list[tuple[str, int | None]]:
     if max_samples is None:
         return [(shard, None) for shard in info.shards]
-    counts = info.shard_samples if info.shard_samples is not None else count_shard_samples(info.shards)
+    counts = info.shard_samples if info.shard_samples is not None else count_shard_samples(info.shards, cache)
     subset, left = [], max_samples
     for shard, count in zip(info.shards, counts, strict=True):
         if left <= 0:
@@ -75,11 +88,28 @@ def split_subset(shard_dir: str, split: str, max_samples: int | None = None) -> 
     return subset
 
 
-def iterate_split(shard_dir: str, split: str, rank: int, world_size: int, max_samples: int | None = None):
+def iterate_split(shard_dir: str, split: str, rank: int, world_size: int, max_samples: int | None = None,
+                  cache: remote.ShardCache | None = None):
     """Raw samples of this rank's shards of ``split`` (shards dealt round-robin by rank), of the subset of
-    :func:`split_subset`."""
-    for shard, quota in split_subset(shard_dir, split, max_samples)[rank::world_size]:
-        yield from itertools.islice(iterate_tar_samples(shard, lambda s, exc: None), quota)
+    :func:`split_subset`. Shards of a remote base are fetched whole into ``cache`` (default
+    :func:`remote.cache_for` with :func:`remote.configure`'s settings) and read from there; one that cannot
+    be fetched is logged and skipped, like an unreadable local shard."""
+    info = read_dataset_info(shard_dir, split)
+    if cache is None:
+        cache = remote.cache_for(shard_dir, dataset_json=info.dataset_json)
+    for shard, quota in _subset(info, max_samples, cache)[rank::world_size]:
+        path = shard
+        if cache is not None:
+            try:
+                path = str(cache.local_path(shard))
+            except remote.FetchError as exc:
+                logger.warning("skipping shard %s: %s", shard, exc)
+                continue
+        try:
+            yield from itertools.islice(iterate_tar_samples(path, lambda s, exc: None), quota)
+        finally:
+            if cache is not None:
+                cache.release()
 
 
 def _sentences(meta: dict[str, Any]) -> list[str] | None:

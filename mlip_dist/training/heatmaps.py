@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mlip_dist.config import MLIPConfig
+from mlip_dist.data import remote
 from mlip_dist.data.loader import (
     AugmentConfig,
     Collator,
@@ -32,11 +33,21 @@ def sentence_patch_plans(model: Any, batch: Any, eps: float, max_iter: int, tol:
 
 class HeatmapLogger:
     def __init__(self, config: MLIPConfig, tokenizer: Any, device: torch.device, split: str, num_pairs: int = 4):
-        info = read_dataset_info(config.data.shards, split)
+        data = config.data
+        info = read_dataset_info(data.shards, split, timeout_s=data.fetch_timeout_s, retries=data.fetch_retries)
         augment = AugmentConfig(image_size=config.model.image.image_size, in_chans=config.model.image.in_chans,
                                 enabled=False)
+        shard = info.shards[0]
+        cache = remote.cache_for(data.shards, dataset_json=info.dataset_json, cache_dir=data.cache_dir,
+                                 max_bytes=data.cache_max_bytes, timeout_s=data.fetch_timeout_s,
+                                 retries=data.fetch_retries)
+        if cache is not None:  # a remote base: its first shard, fetched whole into the cache
+            try:
+                shard = str(cache.local_path(shard))
+            except remote.FetchError as exc:  # heat maps are optional: the trainer logs this and goes on
+                raise FileNotFoundError(str(exc)) from exc
         samples = []
-        for raw in iterate_tar_samples(info.shards[0], lambda shard, exc: None):
+        for raw in iterate_tar_samples(shard, lambda shard, exc: None):
             try:
                 samples.append(decode_sample(raw, augment, generator=None))
             except ValueError:

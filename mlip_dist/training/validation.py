@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mlip_dist.config import MLIPConfig
+from mlip_dist.data import remote
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Validator:
         # :meth:`run` loads the engine's master weights into it.
         self.module = MLIPTrainingModule(config.model, config.loss, rank=0, world_size=1).to(device)
         prompts = load_prompts(None)
-        info = json.loads((Path(config.data.shards) / "dataset.json").read_text())
+        info = json.loads(remote.read_text(remote.join(config.data.shards, "dataset.json")))
         _, self.classes = classes_for(info, prompts)
         self.prompts = {c: prompts[c] for c in self.classes if c in prompts}
         self.augment = AugmentConfig(image_size=config.model.image.image_size, in_chans=config.model.image.in_chans,
