@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from mlip_dist.config import MLIPConfig, load_config, to_dict
+from mlip_dist.data import remote
+from mlip_dist.data.loader import read_dataset_info
 from mlip_dist.logging_utils import quiet_startup, setup_logging
 from mlip_dist.model_io import load_tokenizer
 from mlip_dist.training import checkpoint as ckpt
@@ -54,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step boundary."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next logging or saving step
+    (within ``train.log_every`` steps)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -62,7 +65,7 @@ class StopRequest:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        logger.warning("received signal %d: will checkpoint and exit after this step", signum)
+        logger.warning("received signal %d: will checkpoint and exit at the next logging step", signum)
         self.requested = True
 
 
@@ -113,13 +116,14 @@ def refuse_silent_redeal(saved: DataLayout | None, current: DataLayout) -> None:
 
 
 def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank: int) -> dict[str, Any]:
-    from mlip_dist.data.loader import build_train_loader, read_dataset_info
+    from mlip_dist.data.loader import build_train_loader
     from mlip_dist.training.engine import build_engine
     from mlip_dist.training.heatmaps import HeatmapLogger
     from mlip_dist.training.tensorboard import TrainLogger
     from mlip_dist.training.validation import Validator
 
     run = RunContext(config, local_rank)
+    remote.configure_from(config.data)  # cache settings for this process (the loader workers inherit them)
     torch.manual_seed(config.train.seed + run.rank)
     train_cfg, out_dir = config.train, Path(config.train.output_dir)
     if run.rank == 0:
@@ -176,7 +180,9 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
                 run.world_size, resolve_micro_batch(train_cfg, run.world_size), train_cfg.global_batch_size,
                 steps_per_epoch, state.step, train_cfg.max_steps, bf16)
     while state.step < last_step:
-        result, batch = train_step(engine, iterator, run.device, torch.bfloat16 if bf16 else None)
+        # Only a logging step synchronises with the device (timings, gradient norm) and checks the stop flag.
+        logging_step = (state.step + 1) % train_cfg.log_every == 0 or state.step + 1 == last_step
+        result, batch = train_step(engine, iterator, run.device, torch.bfloat16 if bf16 else None, log=logging_step)
         state.counts.add_batch(batch)
         state.step += 1
         state.samples_seen += train_cfg.global_batch_size
@@ -205,7 +211,9 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
             reason = "final" if state.step == train_cfg.max_steps else "stop_at_step" if at_end else (
                 "periodic" if state.step % train_cfg.save_every == 0 else "best")
             checkpointer.save(state, state.counts.reduce(run.device), layout, reason, best=best)
-        if any_rank(stop.requested, run.device):
+        # The flag is agreed on (one all-reduce) on logging and saving steps only, which every rank takes
+        # together: a signal takes effect within train.log_every steps.
+        if (logging_step or saved) and any_rank(stop.requested, run.device):
             if not saved:
                 checkpointer.save(state, state.counts.reduce(run.device), layout, "signal")
             logger.warning("stopped by signal at step %d after saving", state.step)
@@ -229,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     # The DeepSpeed config is built here, before any process group: a batch that does not split over the
     # launched ranks or a ZeRO stage that contradicts the training config fails at once, naming both values.
     ds_config = build_deepspeed_config(args.deepspeed_config, config.train, launch_world_size(), bf16_is_fast())
+    # The shards (a folder or a URL base: data/remote.py) are checked before launch too: a missing or unreachable
+    # dataset.json fails here, naming the path or URL and the reason.
+    remote.configure_from(config.data)
+    read_dataset_info(config.data.shards, config.data.train_split)
     # A failed rank exits at once: the loader's exit hook stops its workers (mlip_dist.data.loader).
     result = train(config, ds_config, args.resume, args.local_rank)
     summary = Path(config.train.output_dir) / "train_summary.json"

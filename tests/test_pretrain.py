@@ -90,6 +90,12 @@ def test_deepspeed_settings_are_refused_before_any_process_group(tmp_path, monke
     with pytest.raises(ConfigError, match="train.zero_stage = 3 contradicts zero_optimization.stage = 2"):
         main([*base, "--train.zero_stage", "3", "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")])
     assert not out.exists()
+    # Shards that cannot be reached fail before launch too, naming the URL (issue 19).
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(OSError, match=r"http://127\.0\.0\.1:1/dataset\.json"):
+        main([*base, "--data.shards", "http://127.0.0.1:1/", "--data.fetch_retries", "0",
+              "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")])
+    assert not out.exists()
 
 
 @pytest.mark.slow
