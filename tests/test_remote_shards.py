@@ -288,3 +288,28 @@ def test_heatmap_pairs_come_from_the_remote_first_shard(tmp_path, tokenizer):
         config.data.shards = url
         logger = HeatmapLogger(config, tokenizer, torch.device("cpu"), split="validate", num_pairs=3)
     assert logger.batch.keys == ["k00000", "k00001", "k00002"]
+
+
+@pytest.mark.slow
+def test_two_rank_training_from_http_equals_training_from_the_local_folder(tmp_path, synthetic_shards, minilm_path):
+    """pretrain.py on 2 ranks with data.shards an http:// base (training, validation and heat maps read through
+    the cache) gives the same losses and validation metrics as the same run from the local folder."""
+    from launch_utils import REPO
+    from test_pretrain import run, summary, torchrun, write_config
+
+    results = {}
+    with serve(synthetic_shards) as (base, requests):
+        for name, shards in (("local", synthetic_shards), ("http", base)):
+            folder = tmp_path / name
+            folder.mkdir()
+            config = write_config(folder, synthetic_shards, minilm_path, max_steps=4, save_every=4, eval_every=2,
+                                  image_log_every=2)
+            run(torchrun(2, "--config", str(config), "--data.shards", str(shards), "--data.cache_dir",
+                         str(tmp_path / "cache")), REPO)
+            history = (folder / "run" / "val_history.jsonl").read_text().splitlines()
+            results[name] = (summary(folder / "run")["loss_history"], [json.loads(line) for line in history])
+    assert requests["dataset.json"] >= 1 and any(n.startswith("train-") for n in requests)
+    assert results["http"][0] == pytest.approx(results["local"][0], rel=1e-6, abs=1e-7)
+    assert len(results["http"][1]) == 2
+    for remote_entry, local_entry in zip(results["http"][1], results["local"][1], strict=True):
+        assert remote_entry == pytest.approx(local_entry, rel=1e-6, abs=1e-7)
