@@ -278,6 +278,9 @@ class TrainConfig:
     stop_at_step: int | None = bounded(None, ge=1)
     grad_clip: float = bounded(1.0, ge=0.0)  # 0: no clipping (DeepSpeed gradient_clipping)
     precision: Precision = Precision.AUTO
+    # torch.compile the image and text encoders (nn.Module.compile: in place, parameter names unchanged);
+    # the first steps are slower while inductor compiles (gcc on the CPU, triton on GPUs).
+    compile: bool = False
     # The ZeRO layout comes from --deepspeed_config (ds_configs/zeroN.json, its one source of truth). Set this
     # only to assert the stage: a value that contradicts the DeepSpeed config is refused before launch.
     zero_stage: ZeroStage | None = None

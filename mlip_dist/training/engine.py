@@ -12,6 +12,13 @@ from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
 from mlip_dist.training.schedule import cosine_with_warmup
 
 
+def compile_encoders(module: MLIPTrainingModule) -> None:
+    """torch.compile the image and text encoders in place (their state dict keys stay as they are, so
+    checkpoints and exports are the same with and without compiling)."""
+    module.model.image_encoder.compile()
+    module.model.text_encoder.compile(dynamic=True)  # reports are padded to each batch's longest
+
+
 def build_engine(config: MLIPConfig, ds_config: dict[str, Any], rank: int, world_size: int) -> tuple[
         Any, Any, dict[str, torch.Tensor]]:
     """(engine, LR scheduler, fp32 copies of the frozen parameters taken before DeepSpeed's bf16 cast)."""
@@ -20,6 +27,8 @@ def build_engine(config: MLIPConfig, ds_config: dict[str, Any], rank: int, world
     train = config.train
     module = MLIPTrainingModule(config.model, config.loss, rank=rank, world_size=world_size)
     module.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
+    if train.compile:
+        compile_encoders(module)
     frozen = frozen_fp32_copies(module)
 
     def lr_lambda(step: int) -> float:
