@@ -107,23 +107,6 @@ def start_group() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
-def build_shards(out: Path, studies: int, image_size: int) -> Path:
-    import subprocess
-
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    raw, shards = out / "raw", out / "shards"
-    for cmd in (
-        ["tools/make_synthetic.py", "--out", str(raw), "--studies", str(studies), "--seed", "0", "--format", "jpg",
-         "--image-size", str(2 * image_size), "--no-eval-sets", "--no-progress"],
-        ["tools/make_shards.py", "--root", str(raw), "--out", str(shards), "--size", str(image_size),
-         "--shard-size", "16", "--workers", "1", "--no-progress"],
-    ):
-        result = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"{cmd[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return shards
-
-
 def load_step_module(path: Path | None):
     if path is None:
         from mlip_dist.training import step
@@ -346,7 +329,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as scratch:
         scratch = Path(scratch)
         image_size = {"tiny": 64, "small": 128, "paper": 224}[args.preset]
-        shards = args.shards or build_shards(scratch / "data", args.studies, image_size)
+        from bench_loader import build_synthetic_shards  # tools/ is on sys.path when run as a script
+
+        shards = args.shards or build_synthetic_shards(scratch / "data", args.studies, image_size, 0)
         config = make_config(args, shards, scratch / "run")
         template = json.loads((DEFAULT_DS_CONFIG.parent / f"zero{max(args.zero_stage, 1)}.json").read_text())
         template["zero_optimization"]["stage"] = args.zero_stage
