@@ -273,6 +273,10 @@ class TrainConfig:
     beta1: float = bounded(0.9, ge=0.0, lt=1.0)
     beta2: float = bounded(0.98, ge=0.0, lt=1.0)
     warmup_steps: int = bounded(100, ge=0)
+    # Multipliers of lr for the encoders' own weights; the projections, decoder and logit scale keep lr. A
+    # pretrained encoder is fine-tuned at a fraction of the rate of the new layers on top of it (docs/RESULTS.md).
+    image_encoder_lr_scale: float = bounded(1.0, gt=0.0, le=10.0)
+    text_encoder_lr_scale: float = bounded(1.0, gt=0.0, le=10.0)
     max_steps: int = bounded(1000, ge=1)
     # End this job after this step (<= max_steps; checkpointed); the schedule keeps max_steps.
     stop_at_step: int | None = bounded(None, ge=1)

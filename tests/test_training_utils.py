@@ -89,3 +89,39 @@ def test_rng_state_round_trip_with_weights_only(tmp_path):
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     ckpt.atomic_write_text(tmp_path / "a.json", "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_encoder_lr_scales_reach_each_parameter(single_rank_group):
+    """train.{image,text}_encoder_lr_scale: DeepSpeed's optimizer holds one lr per group, the schedule keeps the
+    ratio, and the first AdamW step (|update| = lr per element when weight decay is 0) moves each encoder by
+    its own lr and the heads by train.lr."""
+    from mlip_dist.config import MLIPConfig
+    from mlip_dist.models.presets import tiny
+    from mlip_dist.training.ds_config import build_deepspeed_config
+    from mlip_dist.training.engine import build_engine
+    from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
+
+    train = TrainConfig(global_batch_size=4, lr=1e-3, warmup_steps=0, max_steps=10, weight_decay=0.0,
+                        image_encoder_lr_scale=0.5, text_encoder_lr_scale=0.1)
+    config = MLIPConfig(model=tiny(), train=train)
+    ds = build_deepspeed_config(DS_CONFIGS / "zero2.json", train, world_size=1, bf16_supported=False)
+    engine, scheduler, _ = build_engine(config, ds, rank=0, world_size=1)
+    # ZeRO-2 holds flat fp32 partitions per group, so the groups are told apart by their lr: heads with and
+    # without weight decay, then each encoder's two.
+    assert sorted(g["lr"] for g in engine.optimizer.param_groups) == pytest.approx([1e-4, 1e-4, 5e-4, 5e-4, 1e-3, 1e-3])
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # the logged lr is the heads' (group 0)
+    scheduler.step()
+    ratios = sorted({round(g["lr"] / engine.optimizer.param_groups[0]["lr"], 6) for g in engine.optimizer.param_groups})
+    assert ratios == [0.1, 0.5, 1.0]
+
+    torch.manual_seed(0)
+    module = MLIPTrainingModule(tiny(), config.loss, rank=0, world_size=1)
+    groups = parameter_groups(module, 0.0, lr=1e-3, lr_scales={"model.text_encoder.": 0.1, "model.image_encoder.": 0.5})
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0, eps=1e-12)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for name, param in module.named_parameters():
+        want = 1e-4 if name.startswith("model.text_encoder.") else 5e-4 if name.startswith("model.image_encoder.") else 1e-3
+        assert (before[name] - param.detach()).abs().max().item() == pytest.approx(want, rel=1e-2), name

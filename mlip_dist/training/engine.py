@@ -37,7 +37,8 @@ def build_engine(config: MLIPConfig, ds_config: dict[str, Any], rank: int, world
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
-        model_parameters=parameter_groups(module, train.weight_decay),
+        model_parameters=parameter_groups(module, train.weight_decay, lr=train.lr, lr_scales={
+            "model.image_encoder.": train.image_encoder_lr_scale, "model.text_encoder.": train.text_encoder_lr_scale}),
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda),
     )

@@ -33,17 +33,34 @@ class MLIPTrainingModule(nn.Module):
         return terms.total, terms
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, embeddings' position/cls tokens and the logit scale."""
-    decay, no_decay = [], []
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "reg_token", "logit_scale")
+
+
+def parameter_groups(module: nn.Module, weight_decay: float, *, lr: float | None = None,
+                     lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, embeddings' position/cls tokens and the logit scale.
+
+    ``lr_scales`` maps a parameter-name prefix (e.g. ``model.text_encoder.``) to a multiplier of ``lr`` for the
+    parameters under it (a pretrained encoder fine-tuned more gently than the new heads); groups with a
+    scale other than 1 carry their own ``lr``, which the LR schedule then scales like the others. The first
+    groups are the unscaled ones, so ``param_groups[0]`` holds the base learning rate.
+    """
+    scales = {prefix: scale for prefix, scale in (lr_scales or {}).items() if scale != 1.0}
+    if scales and lr is None:
+        raise ValueError("parameter_groups: lr_scales need the base lr")
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "mask_token", "reg_token", "logit_scale")):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+        decays = not (param.ndim < 2 or any(k in name for k in NO_DECAY_NAMES))
+        groups.setdefault((scale, decays), []).append(param)
+    result = []
+    for (scale, decays), params in groups.items():
+        if not params and scale != 1.0:
+            continue
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if scale != 1.0:
+            group["lr"] = lr * scale
+        result.append(group)
+    return result
