@@ -11,7 +11,7 @@ import webdataset as wds
 from conftest import load_tool
 from transformers import AutoTokenizer
 
-from mlip_dist.config import TextEncoderConfig
+from mlip_dist.config import GlobalPool, TextEncoderConfig
 from mlip_dist.text import load_tokenizer, tokenize_with_spans
 from mlip_dist.text.tokenize import join_sentences
 
@@ -168,8 +168,42 @@ def test_truncation_drops_lost_sentences_and_keeps_partial_prefix():
 def test_max_sentences_limits_spans_not_text():
     tok = _minilm_tokenizer()
     sentences = ["One two three.", "Four five.", "Six seven eight."]
-    ids, _, spans, mask = tokenize_with_spans(tok, [sentences], 64, 2)
+    ids, attention, spans, mask = tokenize_with_spans(tok, [sentences], 64, 2)
     assert mask.tolist() == [[True, True]]
     full = tok(" ".join(sentences))["input_ids"]
-    assert ids[0].tolist() == full  # the third sentence still reaches the report encoder
+    assert ids[0][attention[0] == 1].tolist() == full  # the third sentence still reaches the report encoder
     assert spans.dtype == torch.long and mask.dtype == torch.bool
+
+
+def test_batches_are_padded_to_a_few_fixed_lengths_without_changing_the_encodings():
+    """Reports are padded on to the next of bucket_lengths(max_length) (at most 4 shapes per max_length, so a
+    compiled encoder is not recompiled for every batch); the padding changes no token, span or encoding."""
+    from mlip_dist.models.text_encoder import TextEncoder
+    from mlip_dist.text.tokenize import bucket_lengths
+
+    assert bucket_lengths(96) == [24, 48, 72, 96] and bucket_lengths(64) == [16, 32, 48, 64]
+    assert bucket_lengths(10) == [8, 10] and bucket_lengths(3) == [3]
+    tok = _minilm_tokenizer()
+    words = "the heart size is normal and there is no pleural effusion or pneumothorax seen".split()
+    shapes = set()
+    for n in range(1, len(words) + 1, 2):
+        reports = [[" ".join(words[:n]) + "."], ["Lungs clear.", "Stable."]]
+        ids, attention, spans, mask = tokenize_with_spans(tok, reports, 40, 3)
+        longest = tokenize_with_spans(tok, reports, 40, 3, length_buckets=None)
+        width = longest.input_ids.shape[1]
+        shapes.add(ids.shape[1])
+        assert ids.shape[1] == min(n for n in bucket_lengths(40) if n >= width)
+        assert torch.equal(ids[:, :width], longest.input_ids) and (ids[:, width:] == tok.pad_token_id).all()
+        assert torch.equal(attention[:, :width], longest.attention_mask) and not attention[:, width:].any()
+        assert torch.equal(spans, longest.sentence_spans) and torch.equal(mask, longest.sentence_mask)
+    assert shapes <= set(bucket_lengths(40)) and len(shapes) >= 2
+
+    torch.manual_seed(0)
+    encoder = TextEncoder(TextEncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                            vocab_size=tok.vocab_size, max_length=40, dropout=0.0)).eval()
+    for pool in ("cls", "mean"):
+        encoder.pool = GlobalPool(pool)
+        with torch.no_grad():
+            padded, plain = encoder(*tokenize_with_spans(tok, reports, 40, 3)), encoder(*longest)
+        assert torch.allclose(padded.global_embedding, plain.global_embedding, atol=1e-5)
+        assert torch.allclose(padded.sentence_embeddings, plain.sentence_embeddings, atol=1e-5)

@@ -7,6 +7,8 @@ tokenizer's offset mapping maps each sentence's character range to the tokens it
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,14 +64,26 @@ def join_sentences(sentences: list[str]) -> tuple[str, list[tuple[int, int]]]:
     return " ".join(parts), char_spans
 
 
+LENGTH_BUCKETS = 4
+
+
+def bucket_lengths(max_length: int, buckets: int = LENGTH_BUCKETS) -> list[int]:
+    """The few sequence lengths a batch is padded to: ``buckets`` steps up to ``max_length``, each a multiple
+    of 8 where ``max_length`` allows (so a compiled or graph-captured encoder sees at most ``buckets`` shapes)."""
+    lengths = {min(max_length, 8 * math.ceil(max_length * k / buckets / 8)) for k in range(1, buckets + 1)}
+    return sorted(lengths)
+
+
 def tokenize_with_spans(
     tokenizer: PreTrainedTokenizerBase,
     sentences_per_report: list[list[str]],
     max_length: int,
     max_sentences: int,
+    length_buckets: int | None = LENGTH_BUCKETS,
 ) -> TokenizedReports:
     """Tokenize each report once (with special tokens, truncated to ``max_length``, padded to the
-    longest report) and return the token span of each of its first ``max_sentences`` sentences.
+    longest report, then on to the next of ``bucket_lengths(max_length, length_buckets)``; None: the
+    longest report's length) and return the token span of each of its first ``max_sentences`` sentences.
 
     Guarantees: a token belongs to the sentence whose character range contains the token's first
     character, so spans never overlap and never include special or padding tokens. A sentence cut
@@ -99,6 +113,14 @@ def tokenize_with_spans(
     attention = np.asarray(encoded["attention_mask"], dtype=np.int64)
     offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64)  # (B, T, 2)
     special = np.asarray(encoded["special_tokens_mask"], dtype=bool)
+    if length_buckets and input_ids.shape[1] < max_length:
+        # Padding positions are masked out of attention and of both poolings: the encodings do not change.
+        target = next(n for n in bucket_lengths(max_length, length_buckets) if n >= input_ids.shape[1])
+        extra = ((0, 0), (0, target - input_ids.shape[1]))
+        input_ids = np.pad(input_ids, extra, constant_values=tokenizer.pad_token_id or 0)
+        attention = np.pad(attention, extra)
+        offsets = np.pad(offsets, (*extra, (0, 0)))
+        special = np.pad(special, extra, constant_values=True)
     batch = len(texts)
     spans = np.zeros((batch, max_sentences, 2), dtype=np.int64)
     mask = np.zeros((batch, max_sentences), dtype=bool)
