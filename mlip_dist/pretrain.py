@@ -196,8 +196,10 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
                     f"step {state.step}; train.max_bad_steps={train_cfg.max_bad_steps}); stopping. Lower train.lr, "
                     f"check the data, and resume from the last complete checkpoint in {checkpoint_dir}")
         at_end = state.step == last_step
-        if state.step % train_cfg.log_every == 0 or at_end:
-            progress.log(state.step, result, state.counts, scheduler.get_last_lr()[0])
+        stop_agreed = None
+        if logging_step:
+            _, stop_agreed = progress.log(state.step, result, state.counts, scheduler.get_last_lr()[0],
+                                          stop_requested=stop.requested)
         if heatmaps is not None and state.step % train_cfg.image_log_every == 0:
             heatmaps.log(engine.module.model, writer, state.step)
             engine.train()
@@ -211,9 +213,11 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
             reason = "final" if state.step == train_cfg.max_steps else "stop_at_step" if at_end else (
                 "periodic" if state.step % train_cfg.save_every == 0 else "best")
             checkpointer.save(state, state.counts.reduce(run.device), layout, reason, best=best)
-        # The flag is agreed on (one all-reduce) on logging and saving steps only, which every rank takes
-        # together: a signal takes effect within train.log_every steps.
-        if (logging_step or saved) and any_rank(stop.requested, run.device):
+        # The flag is agreed on on logging steps (in the progress all-reduce) and saving steps (one all-reduce of
+        # its own), which every rank takes together: a signal takes effect within train.log_every steps.
+        if stop_agreed is None and saved:
+            stop_agreed = any_rank(stop.requested, run.device)
+        if stop_agreed:
             if not saved:
                 checkpointer.save(state, state.counts.reduce(run.device), layout, "signal")
             logger.warning("stopped by signal at step %d after saving", state.step)

@@ -161,3 +161,29 @@ def test_non_finite_loss_on_a_step_that_does_not_log_is_still_skipped_and_named(
             assert all(torch.equal(a, b) for a, b in zip(before, full_params(engine), strict=True))
     assert outcomes == [StepOutcome.APPLIED, StepOutcome.NONFINITE_LOSS, StepOutcome.APPLIED]
     assert engine.skipped_steps == 1
+
+
+def test_a_logging_step_agrees_on_the_stop_flag_in_the_progress_all_reduce(single_rank_group, monkeypatch, tmp_path):
+    """The loss terms, the fault counts and the stop flag share one all-reduce on a logging step."""
+    from mlip_dist.training.progress import ProgressLog
+    from mlip_dist.training.state import CountLedger
+    from mlip_dist.training.step import StepResult, StepTimes
+
+    class Terms:
+        def scalars(self):
+            return {"loss/total": 2.0, "loss/global": 1.5}
+
+    engine = make_engine(2)
+    counter = TrainerSyncs()
+    counter.patch(monkeypatch, engine)
+    progress = ProgressLog(None, tmp_path, rank=0, world_size=1, device=torch.device("cpu"), max_steps=10,
+                           global_batch_size=4, resumed_at=0)
+    ledger = CountLedger()
+    ledger.local.skipped_samples = 3
+    result = StepResult(terms=Terms(), times=StepTimes(0.0, 0.1, 0.1), outcome=None)
+    for requested in (False, True):
+        with counter:
+            counts, stop = progress.log(1, result, ledger, 1e-3, stop_requested=requested)
+        assert stop is requested and counts.skipped_samples == 3
+    assert counter.collectives == ["all_reduce", "all_reduce"]  # one per logging step
+    assert progress.loss_history == [2.0, 2.0]

@@ -222,9 +222,13 @@ class Trainer:
         self.bad_steps = 0 if result.outcome is sm.StepOutcome.APPLIED else self.bad_steps + 1
         if self.bad_steps:
             state.counts.local.skipped_steps += 1
-        if state.step % cfg.log_every == 0:
-            self.progress.log(state.step, result, state.counts, self.scheduler.get_last_lr()[0])
-        if (logging_step or not self.new_api) and sm.any_rank(self.stop_requested, self.device):
+        stop = False
+        if state.step % cfg.log_every == 0:  # the stop flag rides on the progress all-reduce, as in pretrain.py
+            _, stop = self.progress.log(state.step, result, state.counts, self.scheduler.get_last_lr()[0],
+                                        stop_requested=self.stop_requested)
+        elif not self.new_api:  # the old trainer agreed on the flag every step
+            stop = sm.any_rank(self.stop_requested, self.device)
+        if stop:
             raise SystemExit("stop requested")
         return result, logging_step
 

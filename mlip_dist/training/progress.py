@@ -50,15 +50,18 @@ class ProgressLog:
         if rank == 0:
             truncate_history(self.val_history, resumed_at)
 
-    def log(self, step: int, result: StepResult, ledger: CountLedger, lr: float) -> RunCounts:
-        """Collective. Averages the loss terms over ranks and sums the fault counts (one all-reduce)."""
+    def log(self, step: int, result: StepResult, ledger: CountLedger, lr: float,
+            stop_requested: bool = False) -> tuple[RunCounts, bool]:
+        """Collective. Averages the loss terms over ranks, sums the fault counts and agrees on the stop flag
+        (True on every rank when one rank's ``stop_requested`` is), all in one all-reduce."""
         values = result.terms.scalars()
-        local = torch.cat([torch.tensor(list(values.values()), dtype=torch.float64, device=self.device),
-                           ledger.local_tensor(self.device)])
+        local = torch.cat([torch.tensor([*values.values(), float(stop_requested)], dtype=torch.float64,
+                                        device=self.device), ledger.local_tensor(self.device)])
         dist.all_reduce(local)
-        terms = local[:len(values)] / self.world_size
-        averaged = dict(zip(values.keys(), terms.tolist(), strict=True))
-        counts = ledger.run_counts(local[len(values):].tolist())
+        summed = local.tolist()
+        averaged = {name: value / self.world_size for name, value in zip(values, summed, strict=False)}
+        stop_agreed = summed[len(values)] > 0
+        counts = ledger.run_counts(summed[len(values) + 1:])
         self.loss_history.append(averaged["loss/total"])
         times = result.times
         throughput = self.global_batch_size / max(times.total, 1e-9)
@@ -71,7 +74,7 @@ class ProgressLog:
         logger.info("step %d/%d loss %.4f (g %.4f l %.4f r %.4f) lr %.3g %.1f samples/s", step, self.max_steps,
                     averaged["loss/total"], averaged.get("loss/global", 0.0), averaged.get("loss/local", 0.0),
                     averaged.get("loss/reconstruction", 0.0), lr, throughput)
-        return counts
+        return counts, stop_agreed
 
     def validation(self, step: int, metrics: dict[str, float]) -> None:
         summary = ", ".join(f"{name.removeprefix('val/')} {value:.4f}" for name, value in metrics.items())
