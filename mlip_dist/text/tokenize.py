@@ -8,7 +8,6 @@ tokenizer's offset mapping maps each sentence's character range to the tokens it
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import NamedTuple
 
