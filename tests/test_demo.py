@@ -50,8 +50,30 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, minilm_path):
     with Image.open(figure) as picture:  # the loss chart, the ROC curves and the heat maps, stacked
         assert picture.height > 480 + 400 and picture.width >= 480
     assert "pre-training: 3 steps" in first.stdout and "TensorBoard: tensorboard --logdir" in first.stdout
+    # The headline metrics next to their chance levels and the demo's targets.
+    table = first.stdout[first.stdout.index("## What the model learned"):]
+    for name in ("zero-shot AUC", "image-to-report Recall@10", "pointing game"):
+        assert f"| {name}" in table, table
 
     again = subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # every stage reused
     assert "## synthetic" in again.stdout
+
+
+def test_against_chance_puts_each_metric_next_to_its_chance_level_and_target():
+    sys.path.insert(0, str(REPO / "tools"))
+    from demo import against_chance
+
+    results = {"zero_shot": {"mean_auc_combined": 0.72},
+               "retrieval": {"n": 200, "image_to_report": {"R@10": 0.24}},
+               "grounding": {"pointing_game": 0.08, "pointing_game_chance": 0.03}}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in against_chance(results).splitlines()
+            if line.startswith("| ") and "metric" not in line}
+    auc, recall, pointing = (rows[name] for name in ("zero-shot AUC (mean over findings)", "image-to-report Recall@10",
+                                                      "pointing game"))
+    assert auc[1:3] == ["0.720", "0.500"] and auc[-1] == "yes |"
+    assert recall[1:4] == ["0.240", "0.050", "4.8x"] and recall[-1] == "NO |"  # chance 10/200, target 5x = 0.25
+    assert pointing[1:4] == ["0.080", "0.030", "2.7x"] and pointing[-1] == "NO |"  # target 3x = 0.09
+    results["grounding"]["pointing_game"] = 0.1
+    assert against_chance(results).splitlines()[-1].endswith("| yes |")

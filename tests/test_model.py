@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -464,7 +465,7 @@ def test_mlp_projection_and_mean_pool_variants():
 
 
 def test_presets_by_name():
-    assert set(PRESETS) == {"paper", "small", "tiny"}
+    assert set(PRESETS) == {"paper", "small", "cpu", "tiny"}
     paper = get_preset("paper")
     assert (paper.image.name, paper.image.image_size, paper.image.patch_size) == (
         "vit_base_patch16_224",
@@ -474,6 +475,17 @@ def test_presets_by_name():
     assert (paper.text.hidden_size, paper.text.num_layers) == (768, 12)
     with pytest.raises(ValueError, match="tiny"):
         get_preset("huge")
+
+
+def test_demo_and_study_configs_use_the_cpu_preset_model():
+    """`make demo` and the validation study train the `cpu` preset's model unchanged (one source of truth)."""
+    from mlip_dist.config import PatchStem, load_config, to_dict
+
+    cpu = get_preset("cpu")
+    assert cpu.image.stem == PatchStem.CONV and cpu.text.path is None and get_preset("small").image.stem == PatchStem.CONV
+    configs = Path(__file__).resolve().parent.parent / "mlip_dist" / "configs"
+    for name in ("demo_small.yaml", "study_fast.yaml"):
+        assert to_dict(load_config(configs / name).model) == to_dict(cpu), name
 
 
 def test_small_preset_loads_pretrained_minilm_offline(monkeypatch):

@@ -3,7 +3,7 @@
 
     python tools/learning_curves.py --shards runs/demo/shards --out runs/curves --steps 200 --eval-every 25 \
         --candidate base "" --candidate random_text "--model.text.path null --model.text.pool mean" \
-        [--config mlip_dist/configs/demo_small.yaml] [--seed 0] [--parallel 2] [--report]
+        [--config mlip_dist/configs/small_minilm.yaml] [--seed 0] [--parallel 2] [--report]
 
 Each candidate is a name and a string of config overrides (shell words, on top of --config). Every run is a real
 `pretrain.py` job on one rank with validation every --eval-every steps (loss terms, Recall@K and zero-shot AUC
@@ -73,15 +73,25 @@ def value_at(points: list[tuple[int, float]], step: int) -> float:
     return before[-1] if before else float("nan")
 
 
+def interval_mean(points: list[tuple[int, float]], after: int, upto: int) -> float:
+    """Mean of the values logged at steps in (after, upto], nan when none (one batch's loss is noisy)."""
+    values = [value for at, value in points if after < at <= upto]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def tabulate(curves: dict[str, dict[str, list[tuple[int, float]]]], steps: list[int], chance: float) -> str:
-    """Markdown: one table per quantity, a row per candidate and a column per step."""
+    """Markdown: one table per quantity, a row per candidate and a column per step (the training loss: the
+    mean of the values logged since the previous column)."""
     blocks = []
     for column in ("global loss", *VAL_COLUMNS):
-        note = f" (chance ln(batch) = {chance:.3f})" if column == "global loss" else ""
+        note = f", mean since the previous column (chance ln(batch) = {chance:.3f})" if column == "global loss" else ""
         lines = [f"**{column}**{note}", "", "| candidate | " + " | ".join(str(s) for s in steps) + " |",
                  "|---|" + "---|" * len(steps)]
         for name, runs in curves.items():
-            cells = (value_at(runs[column], step) for step in steps)
+            if column == "global loss":
+                cells = (interval_mean(runs[column], after, step) for after, step in zip([0, *steps], steps, strict=False))
+            else:
+                cells = (value_at(runs[column], step) for step in steps)
             lines.append(f"| {name} | " + " | ".join("" if math.isnan(v) else f"{v:.3f}" for v in cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/curves"))
-    parser.add_argument("--config", type=Path, default=REPO / "mlip_dist" / "configs" / "demo_small.yaml")
+    parser.add_argument("--config", type=Path, default=REPO / "mlip_dist" / "configs" / "small_minilm.yaml")
     parser.add_argument("--candidate", nargs=2, action="append", required=True, metavar=("NAME", "OVERRIDES"),
                         help='a name and its config overrides, e.g. --candidate fast_lr "--train.lr 1e-3"')
     parser.add_argument("--steps", type=int, default=200)
