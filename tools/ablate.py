@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -60,6 +61,7 @@ METRICS: dict[str, tuple[str, ...]] = {
 
 
 def lookup(results: dict, path: tuple[str, ...]) -> float:
+    """The number at ``path`` in nested results (evaluate.py's results.json), nan when it is missing."""
     node = results
     for key in path:
         if not isinstance(node, dict) or key not in node:
@@ -68,27 +70,40 @@ def lookup(results: dict, path: tuple[str, ...]) -> float:
     return float(node)
 
 
+def one_rank_pretrain(port: int, config: Path, shards: Path, run_dir: Path, steps: int, seed: int,
+                      *overrides: str) -> list[str]:
+    """A `pretrain.py` job on one rank (torchrun, ZeRO-2): ``steps`` steps, training and data order seeded with
+    ``seed``, no heat-map images, one checkpoint at the end; ``overrides`` come last and win."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
+            str(REPO / "mlip_dist" / "pretrain.py"), "--config", str(config), "--deepspeed_config",
+            str(REPO / "ds_configs" / "zero2.json"), "--data.shards", str(shards), "--train.output_dir",
+            str(run_dir), "--train.max_steps", str(steps), "--train.seed", str(seed), "--data.seed", str(seed),
+            "--train.image_log_every", "0", "--train.save_every", str(steps), *overrides]
+
+
+def run_logged(commands: list[list[str]], log_path: Path) -> None:
+    """Run ``commands`` one after the other from the repository root, appending each (and its output) to
+    ``log_path``; CalledProcessError on the first that fails."""
+    with open(log_path, "a") as log:
+        for command in commands:
+            log.write("+ " + shlex.join(command) + "\n")
+            log.flush()
+            subprocess.run(command, cwd=REPO, env=launch_environment(), stdout=log, stderr=subprocess.STDOUT,
+                           check=True)
+
+
 def run_one(row: str, seed: int, args: argparse.Namespace, port: int) -> dict:
     run_dir = args.out / f"{row}_seed{seed}"
     if (done := finished(row, seed, args.out)) is not None:
         return done
-    env = launch_environment()
-    log = open(args.out / f"{row}_seed{seed}.log", "a")
-    train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
-             str(REPO / "mlip_dist" / "pretrain.py"), "--config", str(args.config), "--deepspeed_config",
-             str(REPO / "ds_configs" / "zero2.json"), "--data.shards", str(args.shards), "--train.output_dir",
-             str(run_dir), "--train.max_steps", str(args.steps), "--train.global_batch_size", str(args.batch),
-             "--train.seed", str(seed), "--data.seed", str(seed), "--train.image_log_every", "0",
-             "--train.save_every", str(args.steps), "--data.num_workers", "1",
-             *(arg for key, value in args.set for arg in (f"--{key}", value)), *ROWS[row][1]]
+    train = one_rank_pretrain(port, args.config, args.shards, run_dir, args.steps, seed,
+                              "--train.global_batch_size", str(args.batch), "--data.num_workers", "1",
+                              *(arg for key, value in args.set for arg in (f"--{key}", value)), *ROWS[row][1])
     evaluate = [sys.executable, str(REPO / "mlip_dist" / "evaluate.py"), "--checkpoint", str(run_dir), "--data",
                 str(args.shards), "--split", "test", "--out", str(run_dir / "eval"), "--seed", str(seed),
                 "--seg-epochs", "30", "--no-progress"]
     started = time.time()
-    for cmd in (train, evaluate):
-        log.write("+ " + " ".join(cmd) + "\n")
-        log.flush()
-        subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    run_logged([train, evaluate], args.out / f"{row}_seed{seed}.log")
     print(f"row {row} seed {seed}: {time.time() - started:.0f} s", flush=True)
     return finished(row, seed, args.out)
 

@@ -26,7 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -107,21 +110,20 @@ def trainer_rate(shards: Path, tokenizer, model_cfg, batch: int, steps: int, max
     return batch / statistics.median(times), times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shard_arguments(parser: argparse.ArgumentParser, studies: int) -> None:
+    """The loader benchmarks' shared options: the shards to read (or how many synthetic studies to build)."""
     parser.add_argument("--shards", type=Path, help="shard folder (dataset.json); default: build synthetic ones")
-    parser.add_argument("--studies", type=int, default=200, help="synthetic studies when --shards is not given")
+    parser.add_argument("--studies", type=int, default=studies, help="synthetic studies when --shards is not given")
     parser.add_argument("--stored-size", type=int, default=None,
                         help="shorter side of the synthetic shards' images (default: the preset's 128; "
                              "make_shards' own default for real data is 512)")
-    parser.add_argument("--batch", type=int, default=16, help="micro-batch for both loader and trainer")
-    parser.add_argument("--workers", default="0,1,2", help="loader worker counts to measure")
-    parser.add_argument("--batches", type=int, default=40, help="timed loader micro-batches per worker count")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed loader micro-batches after the first")
-    parser.add_argument("--steps", type=int, default=3, help="timed trainer steps (after one untimed)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
-    args = parser.parse_args()
 
+
+@contextmanager
+def small_preset_shards(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Any, Any, Path, Path]]:
+    """(small preset config, its tokenizer, the shards, a scratch folder): ``args.shards`` or synthetic shards
+    built in the scratch folder, which is removed afterwards. Sets the offline flags and ``args.threads``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
@@ -130,10 +132,23 @@ def main() -> None:
 
     model_cfg = small()
     tokenizer = load_tokenizer(model_cfg.text)
-    with tempfile.TemporaryDirectory(prefix="bench_loader_") as scratch:
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         shards = args.shards or build_synthetic_shards(
-            Path(scratch), args.studies, args.stored_size or model_cfg.image.image_size, 0
-        )
+            Path(scratch), args.studies, args.stored_size or model_cfg.image.image_size, 0)
+        yield model_cfg, tokenizer, shards, Path(scratch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shard_arguments(parser, studies=200)
+    parser.add_argument("--batch", type=int, default=16, help="micro-batch for both loader and trainer")
+    parser.add_argument("--workers", default="0,1,2", help="loader worker counts to measure")
+    parser.add_argument("--batches", type=int, default=40, help="timed loader micro-batches per worker count")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed loader micro-batches after the first")
+    parser.add_argument("--steps", type=int, default=3, help="timed trainer steps (after one untimed)")
+    args = parser.parse_args()
+
+    with small_preset_shards(args, "bench_loader_") as (model_cfg, tokenizer, shards, _):
         print(f"shards {shards}, small preset: {model_cfg.image.image_size} px, max_length {model_cfg.text.max_length}, "
               f"batch {args.batch}, trainer torch threads {args.threads}, cpu count {os.cpu_count()}, "
               f"load average {tuple(round(x, 2) for x in os.getloadavg())}")

@@ -25,7 +25,6 @@ import functools
 import http.server
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+from bench_loader import add_shard_arguments, small_preset_shards  # noqa: E402
 
 
 class ThrottledHandler(http.server.SimpleHTTPRequestHandler):
@@ -86,29 +85,14 @@ def epoch_rate(base: str, tokenizer, model_cfg, batch: int, workers: int, cache_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=Path, help="shard folder (dataset.json); default: build synthetic ones")
-    parser.add_argument("--studies", type=int, default=120, help="synthetic studies when --shards is not given")
-    parser.add_argument("--stored-size", type=int, default=None, help="stored image size (default: the preset's)")
+    add_shard_arguments(parser, studies=120)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
     parser.add_argument("--mbps", default="0,50", help="server throttles to compare, MB/s per connection (0: none)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept")
     args = parser.parse_args()
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(args.threads)
-    from bench_loader import build_synthetic_shards
-
-    from mlip_dist.models.presets import small
-    from mlip_dist.text.tokenize import load_tokenizer
-
-    model_cfg = small()
-    tokenizer = load_tokenizer(model_cfg.text)
-    with tempfile.TemporaryDirectory(prefix="bench_remote_") as scratch:
-        shards = args.shards or build_synthetic_shards(
-            Path(scratch), args.studies, args.stored_size or model_cfg.image.image_size, 0)
+    with small_preset_shards(args, "bench_remote_") as (model_cfg, tokenizer, shards, scratch):
         tars = sorted(shards.glob("*.tar"))
         size = sum(p.stat().st_size for p in tars)
         print(f"shards {shards}: {len(tars)} tar files, {size / 1e6:.1f} MB; small preset "

@@ -187,24 +187,19 @@ class Trainer:
     def instrument(self, counter: OpCounter) -> None:
         """Phases for the counted run: forward inside the engine's forward, backward + step in optimizer_step."""
         self.counter = counter
-        engine_forward, optimizer_step = self.engine.forward, self.step_module.optimizer_step
 
-        def forward(*args, **kwargs):
-            self.counter.phase = "forward"
-            try:
-                return engine_forward(*args, **kwargs)
-            finally:
-                self.counter.phase = "data"
+        def phased(method, during: str, after: str):
+            def wrapped(*args, **kwargs):
+                counter.phase = during
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    counter.phase = after
 
-        def step(*args, **kwargs):
-            self.counter.phase = "backward_step"
-            try:
-                return optimizer_step(*args, **kwargs)
-            finally:
-                self.counter.phase = "loop"
+            return wrapped
 
-        self.engine.forward = forward
-        self.step_module.optimizer_step = step
+        self.engine.forward = phased(self.engine.forward, "forward", "data")
+        self.step_module.optimizer_step = phased(self.step_module.optimizer_step, "backward_step", "loop")
 
     def body(self) -> tuple[object, bool]:
         sm, cfg, state = self.step_module, self.config.train, self.state

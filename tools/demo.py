@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate import lookup  # noqa: E402
+
 from mlip_dist.launching import launch_environment  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,14 +61,6 @@ TARGETS = (
 )
 
 
-def lookup(results: dict, path: tuple[str, ...]) -> float | None:
-    for key in path:
-        if not isinstance(results, dict) or key not in results:
-            return None
-        results = results[key]
-    return float(results)
-
-
 def against_chance(results: dict) -> str:
     """Each headline metric next to its chance level and the demo's target, as a small table."""
     lines = ["## What the model learned (synthetic test split)", "",
@@ -73,10 +69,10 @@ def against_chance(results: dict) -> str:
     for path, name, chance, (kind, target) in TARGETS:
         value = lookup(results, path)
         if chance is None:  # Recall@10 at random: 10 of the n reports
-            chance = 10 / reports if reports else None
+            chance = 10 / reports if reports > 0 else math.nan
         elif isinstance(chance, tuple):
             chance = lookup(results, chance)
-        if value is None or chance is None:
+        if math.isnan(value) or math.isnan(chance):
             lines.append(f"| {name} | n/a | | | | |")
             continue
         goal = target * chance if kind == "x chance" else target

@@ -25,8 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mlip_dist.launching import launch_environment  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate import one_rank_pretrain, run_logged  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VAL_COLUMNS = {"val i2r R@10": "val/i2r_R@10", "val zero-shot AUC": "val/zero_shot_auc",
@@ -38,19 +38,12 @@ def train_one(name: str, overrides: str, args: argparse.Namespace, port: int) ->
     run_dir = args.out / name
     if (run_dir / "train_summary.json").is_file():
         return run_dir
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
-               str(REPO / "mlip_dist" / "pretrain.py"), "--config", str(args.config), "--deepspeed_config",
-               str(REPO / "ds_configs" / "zero2.json"), "--data.shards", str(args.shards),
-               "--train.output_dir", str(run_dir), "--train.max_steps", str(args.steps),
-               "--train.seed", str(args.seed), "--data.seed", str(args.seed), "--train.eval_every",
-               str(args.eval_every), "--train.eval_max_samples", str(args.eval_samples), "--train.log_every", "5",
-               "--train.image_log_every", "0", "--train.save_every", str(args.steps), "--train.keep_last", "1",
-               *shlex.split(overrides)]
+    command = one_rank_pretrain(port, args.config, args.shards, run_dir, args.steps, args.seed,
+                                "--train.eval_every", str(args.eval_every), "--train.eval_max_samples",
+                                str(args.eval_samples), "--train.log_every", "5", "--train.keep_last", "1",
+                                *shlex.split(overrides))
     started = time.time()
-    with open(args.out / f"{name}.log", "a") as log:
-        log.write("+ " + shlex.join(command) + "\n")
-        log.flush()
-        subprocess.run(command, cwd=REPO, env=launch_environment(), stdout=log, stderr=subprocess.STDOUT, check=True)
+    run_logged([command], args.out / f"{name}.log")
     print(f"{name}: {time.time() - started:.0f} s", flush=True)
     return run_dir
 
@@ -122,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one core each)")
     parser.add_argument("--report", action="store_true", help="train nothing: tabulate the finished runs")
     args = parser.parse_args(argv)
-    args.out, args.shards = args.out.resolve(), args.shards.resolve()
+    args.out, args.shards, args.config = args.out.resolve(), args.shards.resolve(), args.config.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     names = [name for name, _ in args.candidate]
     if len(set(names)) != len(names):
@@ -145,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if not curves:
         print("no finished runs", file=sys.stderr)
         return 1
-    batch = json.loads((args.out / next(iter(curves)) / "config.json").read_text())["train"]["global_batch_size"] \
-        if (args.out / next(iter(curves)) / "config.json").is_file() else (args.batch or 32)
+    # Every run writes its resolved config; the candidates share the batch unless one overrides it.
+    batch = json.loads((args.out / next(iter(curves)) / "config.json").read_text())["train"]["global_batch_size"]
     steps = sorted({step for runs in curves.values() for step, _ in runs["val i2r R@10"]})
     markdown = tabulate(curves, steps, math.log(batch))
     command = "python tools/learning_curves.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -48,6 +48,7 @@ def parameter_groups(module: nn.Module, weight_decay: float, *, lr: float | None
     scales = {prefix: scale for prefix, scale in (lr_scales or {}).items() if scale != 1.0}
     if scales and lr is None:
         raise ValueError("parameter_groups: lr_scales need the base lr")
+    # The two unscaled groups always exist (first, as before the scales); a scaled group only once it has a member.
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -57,8 +58,6 @@ def parameter_groups(module: nn.Module, weight_decay: float, *, lr: float | None
         groups.setdefault((scale, decays), []).append(param)
     result = []
     for (scale, decays), params in groups.items():
-        if not params and scale != 1.0:
-            continue
         group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
         if scale != 1.0:
             group["lr"] = lr * scale
