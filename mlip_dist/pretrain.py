@@ -203,23 +203,24 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
         if heatmaps is not None and state.step % train_cfg.image_log_every == 0:
             heatmaps.log(engine.module.model, writer, state.step)
             engine.train()
-        best = None
+        best, validated = None, None
         if validator is not None and (state.step % train_cfg.eval_every == 0 or at_end):
-            metrics = validator.run(ckpt.full_fp32_state_dict(engine, frozen), state.step)
+            validated = ckpt.full_fp32_state_dict(engine, frozen)  # one gather for validation and the save below
+            metrics = validator.run(validated, state.step)
             progress.validation(state.step, metrics)
             best = checkpointer.improved(metrics)
         saved = state.step % train_cfg.save_every == 0 or at_end or best is not None
         if saved:
             reason = "final" if state.step == train_cfg.max_steps else "stop_at_step" if at_end else (
                 "periodic" if state.step % train_cfg.save_every == 0 else "best")
-            checkpointer.save(state, state.counts.reduce(run.device), layout, reason, best=best)
+            checkpointer.save(state, state.counts.reduce(run.device), layout, reason, best=best, weights=validated)
         # The flag is agreed on on logging steps (in the progress all-reduce) and saving steps (one all-reduce of
         # its own), which every rank takes together: a signal takes effect within train.log_every steps.
         if stop_agreed is None and saved:
             stop_agreed = any_rank(stop.requested, run.device)
         if stop_agreed:
             if not saved:
-                checkpointer.save(state, state.counts.reduce(run.device), layout, "signal")
+                checkpointer.save(state, state.counts.reduce(run.device), layout, "signal", weights=validated)
             logger.warning("stopped by signal at step %d after saving", state.step)
             break
     counts = state.counts.reduce(run.device)

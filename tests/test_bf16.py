@@ -55,6 +55,29 @@ def test_consolidated_weights_are_the_fp32_masters(single_rank_group, tmp_path, 
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+def test_a_save_after_validation_writes_the_state_validation_gathered(single_rank_group, tmp_path, monkeypatch, stage):
+    """On a step that validates and saves, the fp32 masters are gathered once (for validation) and that state is
+    what ``model.safetensors`` holds; a save without it gathers them itself."""
+    from safetensors.torch import load_file
+
+    from mlip_dist.pretrain import StepOutcome, optimizer_step
+
+    engine = make_engine(stage, lr=0.01, precision="bf16")
+    assert optimizer_step(engine, engine(tiny_batch(0)), torch.device("cpu")) is StepOutcome.APPLIED
+    validated = ckpt.full_fp32_state_dict(engine)
+    gathers = []
+    original = ckpt.full_fp32_state_dict
+    monkeypatch.setattr(ckpt, "full_fp32_state_dict", lambda *a, **k: gathers.append(1) or original(*a, **k))
+    for step, weights, expected_gathers in ((1, validated, 0), (2, None, 1)):
+        tag = ckpt.save_training_checkpoint(engine, tmp_path, step, {"step": step}, {"step": step}, rank=0,
+                                            keep_last=3, weights=weights)
+        assert len(gathers) == expected_gathers
+        saved = load_file(str(tmp_path / tag / ckpt.CONSOLIDATED_WEIGHTS))
+        assert sorted(saved) == sorted(validated)
+        assert all(torch.equal(saved[name], validated[name]) for name in validated)  # the masters either way
+
+
+@pytest.mark.parametrize("stage", [2, 3])
 def test_frozen_layers_keep_their_fp32_values_in_bf16(single_rank_group, tmp_path, stage):
     from safetensors.torch import load_file
 

@@ -118,6 +118,7 @@ def save_training_checkpoint(
     consolidated: bool = True,
     frozen: dict[str, torch.Tensor] | None = None,
     best: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Save a DeepSpeed checkpoint at ``step`` on every rank, then mark it complete and prune (rank 0).
 
@@ -126,7 +127,9 @@ def save_training_checkpoint(
     ``consolidated``: the fp32 masters, frozen parameters from ``frozen``) are on disk; on an ``OSError`` (e.g. ENOSPC) or a torch
     writer failure, raises :class:`CheckpointSaveError` and leaves the previous complete checkpoint and
     ``latest`` as they were. ``best`` (metric, value) marks this checkpoint as the run's best: the ``best`` file
-    is rewritten after the marker and before pruning, which never removes the tag it names. Returns the tag.
+    is rewritten after the marker and before pruning, which never removes the tag it names. ``weights``:
+    :func:`full_fp32_state_dict` of the engine already taken at this step (validation's), written as the
+    consolidated weights instead of gathering the masters a second time. Returns the tag.
     """
     import torch.distributed as dist
 
@@ -140,7 +143,7 @@ def save_training_checkpoint(
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         save_rng(root, tag, rank)
         if consolidated:
-            save_consolidated_weights(engine, root / tag / CONSOLIDATED_WEIGHTS, rank, frozen)
+            save_consolidated_weights(engine, root / tag / CONSOLIDATED_WEIGHTS, rank, frozen, weights)
     except (OSError, RuntimeError) as err:
         # torch.save reports a full disk as an opaque RuntimeError ("unexpected pos 128 vs 0"), so
         # compare free space with the size of the last checkpoint to say what happened.
@@ -288,14 +291,17 @@ def full_fp32_state_dict(engine: Any, frozen: dict[str, torch.Tensor] | None = N
     return state
 
 
-def save_consolidated_weights(engine: Any, path: Path, rank: int, frozen: dict[str, torch.Tensor] | None = None) -> None:
+def save_consolidated_weights(engine: Any, path: Path, rank: int, frozen: dict[str, torch.Tensor] | None = None,
+                              tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write :func:`full_fp32_state_dict` of the engine as safetensors (rank 0), whatever the ZeRO stage and
     precision: the fp32 master weights, which evaluation and export read instead of DeepSpeed's pickled
-    shards, so they never unpickle. Collective under ZeRO: every rank must call it.
+    shards, so they never unpickle. Collective under ZeRO: every rank must call it (unless ``tensors``, that
+    state already gathered at this step, is given on every rank).
     """
     from safetensors.torch import save_file
 
-    tensors = full_fp32_state_dict(engine, frozen)
+    if tensors is None:
+        tensors = full_fp32_state_dict(engine, frozen)
     if rank == 0:
         tmp = path.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -100,13 +100,15 @@ class Checkpointer:
         return {"metric": self.metric, "value": value}
 
     def save(self, state: TrainingState, counts: RunCounts, layout: DataLayout, reason: str,
-             best: dict[str, Any] | None = None) -> str:
-        """Collective. Writes the checkpoint of ``state.step``; with ``best`` it becomes the run's best."""
+             best: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None) -> str:
+        """Collective. Writes the checkpoint of ``state.step``; with ``best`` it becomes the run's best.
+        ``weights``: the fp32 state validation gathered at this step, reused for ``model.safetensors``."""
         info = {"step": state.step, "samples_seen": state.samples_seen, "reason": reason,
                 "world_size": layout.world_size, "global_batch_size": layout.global_batch_size}
         tag = ckpt.save_training_checkpoint(
             self.engine, self.dir, state.step, state.client_state(counts, layout), info, rank=self.rank,
-            keep_last=self.train.keep_last, consolidated=self.train.save_consolidated, frozen=self.frozen, best=best)
+            keep_last=self.train.keep_last, consolidated=self.train.save_consolidated, frozen=self.frozen, best=best,
+            weights=weights)
         suffix = f"; best {best['metric']} = {best['value']:.4f}" if best else ""
         logger.info("saved checkpoint %s (%s%s)", self.dir / tag, reason, suffix)
         return tag
