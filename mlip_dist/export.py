@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from mlip_dist.config import GlobalPool, MLIPConfig, PatchStem, ProjectionKind, from_dict, to_dict
-from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
+from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD
 from mlip_dist.model_io import SELECTIONS, CheckpointError, LoadedRun, load_run, load_tokenizer
 from mlip_dist.models.heads import Projection
 from mlip_dist.models.mlip import ImageFeatures, MLIPModel, TextFeatures

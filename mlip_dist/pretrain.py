@@ -117,6 +117,7 @@ def refuse_silent_redeal(saved: DataLayout | None, current: DataLayout) -> None:
 
 def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank: int) -> dict[str, Any]:
     from mlip_dist.data.loader import build_train_loader
+    from mlip_dist.data.prefetch import DevicePrefetcher
     from mlip_dist.training.engine import build_engine
     from mlip_dist.training.heatmaps import HeatmapLogger
     from mlip_dist.training.tensorboard import TrainLogger
@@ -151,6 +152,7 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
         max_length=config.model.text.max_length, max_sentences=config.model.max_sentences,
         num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
         resampled=config.data.resampled, augment=config.data.augment, seed=config.data.seed, start_batch=state.step,
+        pin_memory=run.device.type == "cuda",
     )
     layout = DataLayout(world_size=run.world_size, num_workers=config.data.num_workers,
                         global_batch_size=train_cfg.global_batch_size, steps_per_epoch=steps_per_epoch)
@@ -172,7 +174,8 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
     last_step = min(train_cfg.max_steps, train_cfg.stop_at_step or train_cfg.max_steps)
     first_step, bad_steps = state.step, 0
     stop = StopRequest()
-    iterator = iter(loader)
+    image_dtype = torch.bfloat16 if bf16 else None
+    iterator = DevicePrefetcher(iter(loader), run.device, image_dtype)  # the next batch's copy overlaps this step
     engine.train()
     if tag is not None:
         checkpointer.restore_rng(tag)  # last: the set-up above may draw random numbers
@@ -182,7 +185,7 @@ def train(config: MLIPConfig, ds_config: dict[str, Any], resume: str, local_rank
     while state.step < last_step:
         # Only a logging step synchronises with the device (timings, gradient norm) and checks the stop flag.
         logging_step = (state.step + 1) % train_cfg.log_every == 0 or state.step + 1 == last_step
-        result, batch = train_step(engine, iterator, run.device, torch.bfloat16 if bf16 else None, log=logging_step)
+        result, batch = train_step(engine, iterator, run.device, image_dtype, log=logging_step)
         state.counts.add_batch(batch)
         state.step += 1
         state.samples_seen += train_cfg.global_batch_size

@@ -24,7 +24,7 @@ from mlip_dist.config import (
     ProjectionKind,
     to_dict,
 )
-from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
+from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD
 from mlip_dist.export import ExportError, export_run, load_exported, main
 from mlip_dist.model_io import CheckpointError
 from mlip_dist.models.mlip import MLIPModel

@@ -347,7 +347,8 @@ def test_missing_shard_is_named(tmp_path):
 def test_evaluation_view_keeps_the_whole_field_and_matches_training_geometry():
     """A tall image: the evaluation view squeezes it to the square like a training crop at scale 1 (no
     rows cut away), and its region mask is resized the same way."""
-    from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD, preprocess_image
+    from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD
+    from mlip_dist.data.loader import preprocess_image
     from mlip_dist.evaluation.extract import _decode_mask
 
     height, width = 80, 64

@@ -15,6 +15,9 @@ the trainer never waits) and per-worker/trainer (> 1 means one loader core feeds
     python tools/bench_loader.py                      # synthetic shards are built in a temp folder
     python tools/bench_loader.py --stored-size 512          # shards stored like make_shards' default
     python tools/bench_loader.py --shards /tmp/bench4/shards --batch 16 --workers 0,1,2
+    python tools/bench_loader.py --image-size 224 --stored-size 512 --workers 1 --steps 0 --float-batches
+        # per-worker capacity at the paper preset's 224 px (docs/SCALING.md: workers per GPU), compact batches
+        # (one uint8 channel, normalised on the device) against the old normalised 3-channel float32 ones
 """
 
 from __future__ import annotations
@@ -56,19 +59,21 @@ def build_synthetic_shards(out: Path, studies: int, image_size: int, seed: int) 
 
 
 def loader_rate(shards: Path, tokenizer, model_cfg, batch: int, workers: int, batches: int, warmup: int,
-                max_sentences: int) -> tuple[float, float]:
-    """(samples/s over ``batches`` micro-batches after ``warmup``, seconds to the first batch)."""
+                max_sentences: int, image_size: int | None = None,
+                compact: bool = True) -> tuple[float, float, int]:
+    """(samples/s over ``batches`` micro-batches after ``warmup``, seconds to the first batch, image bytes per
+    batch as the workers ship it)."""
     from mlip_dist.data.loader import build_train_loader
 
     loader, _ = build_train_loader(
         shards, "train", tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=batch,
-        global_batch_size=batch, image_size=model_cfg.image.image_size, in_chans=model_cfg.image.in_chans,
-        max_length=model_cfg.text.max_length, max_sentences=max_sentences, num_workers=workers,
-        shuffle_buffer=64, resampled=False, augment=True, seed=0,
+        global_batch_size=batch, image_size=image_size or model_cfg.image.image_size,
+        in_chans=model_cfg.image.in_chans, max_length=model_cfg.text.max_length, max_sentences=max_sentences,
+        num_workers=workers, shuffle_buffer=64, resampled=False, augment=True, seed=0, compact=compact,
     )
     iterator = iter(loader)
     start = time.perf_counter()
-    next(iterator)
+    images = next(iterator).images
     first = time.perf_counter() - start
     for _ in range(warmup):
         next(iterator)
@@ -77,7 +82,7 @@ def loader_rate(shards: Path, tokenizer, model_cfg, batch: int, workers: int, ba
         next(iterator)
     elapsed = time.perf_counter() - start
     del iterator, loader  # shuts the worker processes down before the next measurement
-    return batches * batch / elapsed, first
+    return batches * batch / elapsed, first, images.element_size() * images.numel()
 
 
 def trainer_rate(shards: Path, tokenizer, model_cfg, batch: int, steps: int, max_sentences: int) -> tuple[float, list[float]]:
@@ -92,7 +97,7 @@ def trainer_rate(shards: Path, tokenizer, model_cfg, batch: int, steps: int, max
         max_length=model_cfg.text.max_length, max_sentences=max_sentences, num_workers=0, shuffle_buffer=64, seed=0,
     )
     batches = iter(loader)
-    data = [next(batches) for _ in range(2)]
+    data = [next(batches).to("cpu") for _ in range(2)]  # compact pixels normalised, as the trainer does
     torch.manual_seed(0)
     module = MLIPTrainingModule(model_cfg, LossConfig(), rank=0, world_size=1)
     module.train()
@@ -145,24 +150,38 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="loader worker counts to measure")
     parser.add_argument("--batches", type=int, default=40, help="timed loader micro-batches per worker count")
     parser.add_argument("--warmup", type=int, default=2, help="untimed loader micro-batches after the first")
-    parser.add_argument("--steps", type=int, default=3, help="timed trainer steps (after one untimed)")
+    parser.add_argument("--steps", type=int, default=3, help="timed trainer steps (after one untimed); 0: no trainer")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="training image size (default: the small preset's 128; the paper preset's is 224)")
+    parser.add_argument("--float-batches", action="store_true",
+                        help="also time the loader shipping normalised 3-channel float32 (the old batches)")
     args = parser.parse_args()
 
     with small_preset_shards(args, "bench_loader_") as (model_cfg, tokenizer, shards, _):
-        print(f"shards {shards}, small preset: {model_cfg.image.image_size} px, max_length {model_cfg.text.max_length}, "
+        image_size = args.image_size or model_cfg.image.image_size
+        print(f"shards {shards}, small preset tokenizer: {image_size} px, max_length {model_cfg.text.max_length}, "
               f"batch {args.batch}, trainer torch threads {args.threads}, cpu count {os.cpu_count()}, "
               f"load average {tuple(round(x, 2) for x in os.getloadavg())}")
-        train_sps, step_times = trainer_rate(shards, tokenizer, model_cfg, args.batch, args.steps,
-                                             model_cfg.max_sentences)
-        print(f"trainer (fwd+bwd+AdamW, 1 process): {train_sps:7.1f} samples/s  "
-              f"(step s: {', '.join(f'{t:.2f}' for t in step_times)})")
+        train_sps = float("nan")
+        if args.steps > 0:
+            train_sps, step_times = trainer_rate(shards, tokenizer, model_cfg, args.batch, args.steps,
+                                                 model_cfg.max_sentences)
+            print(f"trainer (fwd+bwd+AdamW, 1 process, {model_cfg.image.image_size} px): {train_sps:7.1f} samples/s  "
+                  f"(step s: {', '.join(f'{t:.2f}' for t in step_times)})")
         for workers in (int(w) for w in args.workers.split(",")):
-            sps, first = loader_rate(shards, tokenizer, model_cfg, args.batch, workers, args.batches, args.warmup,
-                                     model_cfg.max_sentences)
-            per_worker = sps / max(1, workers)
-            print(f"loader workers={workers}: {sps:7.1f} samples/s, {per_worker:7.1f} per worker "
-                  f"(first batch {first:.2f} s) | loader/trainer {sps / train_sps:6.1f}x, "
-                  f"per-worker/trainer {per_worker / train_sps:6.1f}x")
+            rates = {}
+            for compact in (True, False) if args.float_batches else (True,):
+                sps, first, nbytes = loader_rate(shards, tokenizer, model_cfg, args.batch, workers, args.batches,
+                                                 args.warmup, model_cfg.max_sentences, image_size, compact)
+                rates[compact] = sps
+                per_worker = sps / max(1, workers)
+                kind = "compact uint8 1-channel" if compact else "float32 3-channel     "
+                print(f"loader workers={workers}, {kind}: {sps:7.1f} samples/s, {per_worker:7.1f} per worker "
+                      f"(first batch {first:.2f} s, images {nbytes / 2**20:.2f} MiB/batch)"
+                      + (f" | loader/trainer {sps / train_sps:6.1f}x, per-worker/trainer {per_worker / train_sps:6.1f}x"
+                         if args.steps > 0 and image_size == model_cfg.image.image_size else ""))
+            if len(rates) == 2:
+                print(f"  compact/float loader rate, workers={workers}: {rates[True] / rates[False]:.2f}x")
         print(f"load average after {tuple(round(x, 2) for x in os.getloadavg())}")
 
 

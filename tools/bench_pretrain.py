@@ -168,7 +168,7 @@ def part_run(args: argparse.Namespace) -> None:
         global_batch_size=args.micro, image_size=model_cfg.image.image_size, in_chans=model_cfg.image.in_chans,
         max_length=model_cfg.text.max_length, max_sentences=model_cfg.max_sentences, num_workers=0, seed=0,
     )
-    batch = next(iter(loader))  # a real batch: FLOPs depend on the padded token length
+    batch = next(iter(loader)).to("cpu")  # a real batch (normalised): FLOPs depend on the padded token length
     from mlip_dist.config import LossConfig
     from mlip_dist.training.module import MLIPTrainingModule
 

@@ -140,7 +140,7 @@ def make_config(args, shards: Path, out_dir: Path):
     return load_config(path)
 
 
-def make_loader(config, tokenizer, num_workers: int | None = None):
+def make_loader(config, tokenizer, num_workers: int | None = None, pin_memory: bool = False):
     from mlip_dist.data.loader import build_train_loader
 
     return build_train_loader(
@@ -150,7 +150,7 @@ def make_loader(config, tokenizer, num_workers: int | None = None):
         max_length=config.model.text.max_length, max_sentences=config.model.max_sentences,
         num_workers=config.data.num_workers if num_workers is None else num_workers,
         shuffle_buffer=config.data.shuffle_buffer, resampled=config.data.resampled, augment=config.data.augment,
-        seed=config.data.seed)[0]
+        seed=config.data.seed, pin_memory=pin_memory)[0]
 
 
 def synchronize(device: torch.device) -> None:
@@ -176,8 +176,11 @@ class Trainer:
         self.engine, self.scheduler, _ = build_engine(config, ds_config, 0, 1)
         self.engine.train()
         self.bf16 = bool(ds_config["bf16"]["enabled"])
-        self.loader = make_loader(config, tokenizer)
-        self.iterator = iter(self.loader)
+        from mlip_dist.data.prefetch import DevicePrefetcher
+
+        self.loader = make_loader(config, tokenizer, pin_memory=device.type == "cuda")
+        # As in pretrain.py: batches reach the device one copy ahead (overlapped with the step on CUDA).
+        self.iterator = DevicePrefetcher(iter(self.loader), device, torch.bfloat16 if self.bf16 else None)
         self.progress = ProgressLog(None, out_dir, rank=0, world_size=1, device=device, max_steps=config.train.max_steps,
                                     global_batch_size=config.train.global_batch_size, resumed_at=0)
         self.state, self.bad_steps, self.stop_requested = TrainingState(), 0, False

@@ -70,12 +70,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mlip_dist.data import remote
-from mlip_dist.data.batch import MLIPBatch
+from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD, MLIPBatch
 
 logger = logging.getLogger(__name__)
-
-IMAGE_MEAN = 0.5
-IMAGE_STD = 0.25
 MAX_SUBSTITUTE_ATTEMPTS = 64  # draws for one place of a batch before the loader gives up
 
 
@@ -143,7 +140,12 @@ def _seed(*parts: Any) -> int:
 
 @dataclass
 class AugmentConfig:
-    """Mild augmentation of METHOD.md (Data): random resized crop 0.8-1.0, small rotation, brightness/contrast."""
+    """Mild augmentation of METHOD.md (Data): random resized crop 0.8-1.0, small rotation, brightness/contrast.
+
+    ``compact``: samples leave the decoder as pixels of the stored bit depth, one channel (uint8 or uint16,
+    rounded after augmentation), to be normalised on the device (:meth:`MLIPBatch.to`); otherwise as normalised
+    float with ``in_chans`` channels.
+    """
 
     image_size: int = 224
     in_chans: int = 3
@@ -152,21 +154,27 @@ class AugmentConfig:
     max_rotation_deg: float = 5.0
     brightness: float = 0.1
     contrast: float = 0.1
+    compact: bool = False
+
+
+def decode_pixels(data: bytes) -> tuple[torch.Tensor, int]:
+    """PNG (8/16-bit) or JPEG bytes -> (float tensor (1, H, W) in [0, 1], stored bit depth 8 or 16)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I"):
+            array, bit_depth = np.asarray(img, dtype=np.float32) / 65535.0, 16
+        else:
+            array, bit_depth = np.asarray(img.convert("L"), dtype=np.float32) / 255.0, 8
+    return torch.from_numpy(np.ascontiguousarray(array))[None], bit_depth
 
 
 def decode_image(data: bytes) -> torch.Tensor:
     """PNG (8/16-bit) or JPEG bytes -> float tensor (1, H, W) in [0, 1]."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I"):
-            array = np.asarray(img, dtype=np.float32) / 65535.0
-        else:
-            array = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(array))[None]
+    return decode_pixels(data)[0]
 
 
-def preprocess_image(image: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Resize to ``image_size`` x ``image_size`` (augmented when a generator is given), normalise, repeat channels.
+def augment_image(image: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Resize (1, H, W) in [0, 1] to ``image_size`` x ``image_size``, augmented when a generator is given; [0, 1].
 
     Training: a random crop of 80-100 % of the area with the image's own aspect ratio, resized to the
     square (so the whole field is squeezed, not cut), a small rotation and brightness/contrast jitter.
@@ -191,7 +199,20 @@ def preprocess_image(image: torch.Tensor, config: AugmentConfig, generator: torc
         # Evaluation: the whole image resized to size x size, the geometry of a training crop at scale 1
         # (training crops keep the image's aspect ratio and are resized to a square as well).
         image = TF.resize(image, [size, size], antialias=True)
-    image = (image.clamp(0, 1) - IMAGE_MEAN) / IMAGE_STD
+    return image.clamp(0, 1)
+
+
+def quantize_pixels(image: torch.Tensor, bit_depth: int) -> torch.Tensor:
+    """[0, 1] float -> uint8 (bit depth 8) or uint16 (16), rounded to the nearest level."""
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit depth must be 8 or 16, got {bit_depth}")
+    top = 255.0 if bit_depth == 8 else 65535.0
+    return torch.round(image * top).to(torch.uint8 if bit_depth == 8 else torch.uint16)
+
+
+def preprocess_image(image: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`augment_image`, then normalised and repeated to ``in_chans`` channels (float)."""
+    image = (augment_image(image, config, generator) - IMAGE_MEAN) / IMAGE_STD
     return image.expand(config.in_chans, -1, -1).contiguous()
 
 
@@ -216,17 +237,30 @@ def decode_sample(sample: dict[str, Any], augment: AugmentConfig, generator: tor
     sentences = [s for s in meta.get("sentences", []) if s.strip()]
     if not sentences:
         raise ValueError(f"sample {key}: no sentences")
-    image = preprocess_image(decode_image(image_bytes), augment, generator)
+    pixels, bit_depth = decode_pixels(image_bytes)
+    image = (quantize_pixels(augment_image(pixels, augment, generator), bit_depth) if augment.compact
+             else preprocess_image(pixels, augment, generator))
     return DecodedSample(key=key, image=image, sentences=sentences, meta=meta)
 
 
 class Collator:
-    """Tokenise each report once with sentence spans (METHOD.md, Encoders: Text) and stack images."""
+    """Tokenise each report once with sentence spans (METHOD.md, Encoders: Text) and stack images.
 
-    def __init__(self, tokenizer: Any, max_length: int, max_sentences: int):
+    Compact pixels of mixed bit depths are stacked as uint16 (8-bit values scaled by 257, so 255 -> 65535);
+    ``channels`` is the model's input channels, recorded on the batch for :meth:`MLIPBatch.to`.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, max_sentences: int, channels: int = 3):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_sentences = max_sentences
+        self.channels = channels
+
+    @staticmethod
+    def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+        if any(image.dtype == torch.uint16 for image in images):
+            images = [image.to(torch.uint16) * 257 if image.dtype == torch.uint8 else image for image in images]
+        return torch.stack(images)
 
     def __call__(self, samples: list[DecodedSample], num_skipped: int = 0, num_lost: int = 0,
                  shard_errors: list[str] | None = None) -> MLIPBatch:
@@ -236,7 +270,7 @@ class Collator:
             self.tokenizer, [s.sentences for s in samples], self.max_length, self.max_sentences
         )
         return MLIPBatch(
-            images=torch.stack([s.image for s in samples]),
+            images=self.stack_images([s.image for s in samples]),
             input_ids=input_ids,
             attention_mask=attention_mask,
             sentence_spans=spans,
@@ -247,6 +281,7 @@ class Collator:
             num_skipped=num_skipped,
             num_lost=num_lost,
             shard_errors=list(shard_errors or []),
+            channels=self.channels,
         )
 
 
@@ -784,12 +819,17 @@ def build_train_loader(
     cache_max_bytes: int | None = None,
     fetch_timeout_s: float | None = None,
     fetch_retries: int | None = None,
+    pin_memory: bool = False,
+    compact: bool = True,
 ) -> tuple[DataLoader, int]:
     """Return an endless per-rank loader, starting at absolute step ``start_batch``, and the steps in one epoch.
 
     ``shard_dir`` may be a URL or ``pipe:`` template (:mod:`mlip_dist.data.remote`): its shards are fetched
     whole into a cache (``cache_dir``, ``cache_max_bytes``, ``fetch_timeout_s``, ``fetch_retries``: DataConfig's
     fields; None: :func:`remote.configure`'s defaults) and read from there. The order is the same either way.
+    Batches hold compact pixels (:class:`MLIPBatch`; ``in_chans`` is the model's channels, made on the device;
+    ``compact=False``: normalised float with ``in_chans`` channels, as before, for comparison);
+    ``pin_memory`` (for a CUDA device) puts them in page-locked memory for an asynchronous copy.
     """
     if micro_batch_size * world_size != global_batch_size:
         raise ValueError(f"micro batch {micro_batch_size} x world size {world_size} != global batch "
@@ -807,8 +847,8 @@ def build_train_loader(
         world_size=world_size,
         micro_batch_size=micro_batch_size,
         batches_per_epoch=batches_per_epoch,
-        collate=Collator(tokenizer, max_length, max_sentences),
-        augment=AugmentConfig(image_size=image_size, in_chans=in_chans, enabled=augment),
+        collate=Collator(tokenizer, max_length, max_sentences, channels=in_chans),
+        augment=AugmentConfig(image_size=image_size, in_chans=in_chans, enabled=augment, compact=compact),
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         resampled=resampled,
@@ -825,6 +865,7 @@ def build_train_loader(
         persistent_workers=False,
         worker_init_fn=_ignore_stop_signals,
         prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=pin_memory,
         # Its own generator: creating worker iterators must not draw from the global torch RNG, whose
         # state (patch masking) is checkpointed and restored for exact resume.
         generator=torch.Generator().manual_seed(seed),

@@ -165,7 +165,7 @@ def extract_features(
             out["sentence_features"].append(text.sentence_features.float().cpu().numpy())
             out["sentence_mask"].append(text.sentence_mask.cpu().numpy())
         if with_images:  # stored as uint8 in [0, 1] before normalisation, to keep memory small
-            from mlip_dist.data.loader import IMAGE_MEAN, IMAGE_STD
+            from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD
 
             pixels = (images[:, :1].cpu() * IMAGE_STD + IMAGE_MEAN).clamp(0, 1)
             out["images"].append((pixels * 255).round().to(torch.uint8).numpy())
