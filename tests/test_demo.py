@@ -24,11 +24,20 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, minilm_path):
     first = subprocess.run(command, cwd=REPO, env=launch_environment(), capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     stages = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
-    assert len(stages) == 10, stages
-    for index, tool in enumerate(["tools/make_synthetic.py", "tools/make_shards.py"] + ["tools/make_eval_shards.py"] * 3):
+    assert len(stages) == 11, stages
+    for index, tool in enumerate(["tools/make_synthetic.py", "tools/make_shards.py"] + ["tools/make_eval_shards.py"] * 3
+                                 + ["tools/train_tokenizer.py"]):
         assert f" {tool} " in stages[index], (tool, stages[index])
-    assert "deepspeed" in stages[5].split()[1] and "--num_gpus 2" in stages[5] and "pretrain.py" in stages[5]
-    assert all("evaluate.py" in stage for stage in stages[6:])
+    assert "deepspeed" in stages[6].split()[1] and "--num_gpus 2" in stages[6] and "pretrain.py" in stages[6]
+    assert all("evaluate.py" in stage for stage in stages[7:])
+    # The run's text encoder uses the vocabulary trained on the demo's own training reports.
+    from transformers import AutoTokenizer
+
+    text = json.loads((out / "run" / "config.json").read_text())["model"]["text"]
+    assert text["tokenizer"] == str(out / "tokenizer") and text["vocab_size"] == 1024
+    vocabulary = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    assert 50 < len(vocabulary) <= 1024
+    assert vocabulary.tokenize("heart size is normal")[:2] == ["heart", "size"]
 
     summary = json.loads((out / "run" / "train_summary.json").read_text())
     assert summary["step"] == 3 and summary["loss_history"]  # logged every 10 steps and at the last
