@@ -21,7 +21,8 @@ consumption; and last ``trainer/bare step time: R`` (ratio of medians).
     DS_ACCELERATOR=cpu python tools/bench_trainer.py                   # tiny preset, synthetic shards
     python tools/bench_trainer.py --preset small --batch 16 --steps 50
     python tools/bench_trainer.py --step-module /tmp/step_before.py     # an older mlip_dist/training/step.py
-    python tools/bench_trainer.py --preset paper --batch 128 --precision bf16   # on a GPU
+    python tools/bench_trainer.py --preset paper-tiny --batch 8                # paper's structure, widths of 64
+    python tools/bench_trainer.py --preset paper --batch 128 --precision bf16 --shards S --tokenizer T   # a GPU
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def make_config(args, shards: Path, out_dir: Path):
     from mlip_dist.models.presets import minilm_path
 
     config = {
-        "preset": args.preset,
+        "preset": "paper" if args.preset == "paper-tiny" else args.preset,
         "data": {"shards": str(shards), "shuffle_buffer": 64, "augment": True},
         "train": {"output_dir": str(out_dir), "global_batch_size": args.batch, "max_steps": 10**6,
                   "warmup_steps": 10, "log_every": args.log_every, "image_log_every": 0, "eval_every": 0,
@@ -132,6 +133,16 @@ def make_config(args, shards: Path, out_dir: Path):
     }
     if args.preset == "tiny":
         config["model"] = {"text": {"tokenizer": minilm_path()}}
+    if args.preset == "paper-tiny":  # the paper preset's structure (every layer and tensor) at tiny widths
+        config["model"] = {"image": {"width": 64, "num_heads": 4},
+                           "text": {"tokenizer": minilm_path(), "vocab_size": 30522, "hidden_size": 64,
+                                    "num_heads": 4, "intermediate_size": 256},
+                           "decoder": {"width": 64, "num_heads": 4}}
+    if args.tokenizer is not None:  # e.g. a local Bio_ClinicalBERT tokenizer for the paper preset on a GPU
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(str(args.tokenizer), local_files_only=True))
+        config.setdefault("model", {}).setdefault("text", {}).update(tokenizer=str(args.tokenizer), vocab_size=vocab)
     if args.workers is not None:
         config["data"]["num_workers"] = args.workers
     path = out_dir / "config.json"
@@ -297,7 +308,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, help="shard folder (dataset.json); default: synthetic, in a temp folder")
     parser.add_argument("--studies", type=int, default=120, help="synthetic studies when --shards is not given")
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper"))
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper", "paper-tiny"),
+                        help="paper-tiny: the paper preset's layers at widths of 64 (CPU)")
+    parser.add_argument("--tokenizer", type=Path, help="local tokenizer folder (model.text.tokenizer; vocab from it)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))

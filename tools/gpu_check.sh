@@ -8,7 +8,8 @@
 # SHARDS: make_shards output (224 px); TOKENIZER: a local fast-tokenizer folder; OUT: the stage logs go here, the
 # run (checkpoints, TensorBoard, evaluation, export) to RUN_DIR (default OUT/run).
 # Every stage runs under `timeout`; the script goes on after a failed stage and exits non-zero at the end.
-# CONFIG (default mlip_dist/configs/gpu_check.yaml) and BENCH_ARGS (extra tools/bench_gpu.py arguments) make
+# CONFIG (default mlip_dist/configs/gpu_check.yaml), BENCH_ARGS (extra tools/bench_gpu.py arguments) and
+# TRAINER_BENCH_ARGS (tools/bench_trainer.py's, default: paper preset, bf16, batch 128, 6 loader workers) make
 # a quick CPU dry run possible (SKIP_BENCH=1 leaves the benchmark out), e.g. CONFIG=tiny.yaml FIRST_STEPS=4 RESUME_STEPS=6 BENCH_ARGS="--preset tiny --batch 4 --device cpu".
 set -u
 mkdir -p "$3"
@@ -33,6 +34,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, deepspeed, transformers, timm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)"
 
 [ -n "${SKIP_BENCH:-}" ] || { stage bench python3 "$repo/tools/bench_gpu.py" ${BENCH_ARGS:-} && cat "$out/bench.log"; }
+# Issue 17: the trainer's loop body (loader, prefetch, engine) against the bare step, paper preset, bf16, batch 128.
+[ -n "${SKIP_BENCH:-}" ] || { stage bench_trainer python3 "$repo/tools/bench_trainer.py" --shards "$shards" \
+    --tokenizer "$tokenizer" ${TRAINER_BENCH_ARGS:---preset paper --batch 128 --precision bf16 --workers 6} \
+    && cat "$out/bench_trainer.log"; }
 
 run=$(realpath -m "${RUN_DIR:-$out/run}")
 train=("$repo/mlip_dist/pretrain.py"
