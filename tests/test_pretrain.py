@@ -266,7 +266,11 @@ def test_resume_on_another_world_size_continues_the_same_run(tmp_path, synthetic
         resumed = final_weights(runs[name])
         assert sorted(resumed) == sorted(straight)
         for key, value in straight.items():
-            assert torch.allclose(resumed[key], value, rtol=1e-4, atol=1e-5), (name, key)
+            # Reduction order differs between layouts; Adam divides each gradient by its own running RMS, so an
+            # element whose gradient is near eps (1e-8) can move by a few percent of one step's lr (1e-3) more or
+            # less: atol is 5 % of one step. Wrong data or a lost state moves every weight by steps, not by that.
+            difference = (resumed[key] - value).abs().max().item()
+            assert torch.allclose(resumed[key], value, rtol=1e-4, atol=5e-5), (name, key, difference)
         assert summary(runs[name])["loss_history"] == pytest.approx(straight_losses[3:], rel=1e-4), name
 
 

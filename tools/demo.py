@@ -7,7 +7,7 @@ The demo's text encoder is a random-init BERT, so it gets a vocabulary of the de
 embeddings were 80 % of the model's parameters and of the optimizer's work per step.
 
     python tools/demo.py --out runs/demo [--studies 2400] [--steps N] [--ranks 2] [--eval-images 400]
-        [--seg-epochs 30]
+        [--seg-epochs 20]
 
 Each stage is skipped when its output already exists, so a re-run after an interruption continues.
 Commands run are printed, so the same steps can be reproduced by hand (see README).
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the config's)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--eval-images", type=int, default=400, help="CheXpert-style images (RSNA, SIIM: half each)")
-    parser.add_argument("--seg-epochs", type=int, default=30, help="few-shot segmentation head epochs")
+    parser.add_argument("--seg-epochs", type=int, default=20, help="few-shot segmentation head epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=CONFIG)
     args = parser.parse_args(argv)
