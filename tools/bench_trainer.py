@@ -203,12 +203,12 @@ class Trainer:
         self.counter = counter
 
         def phased(method, during: str, after: str):
-            def wrapped(*args, **kwargs):
-                counter.phase = during
+            def wrapped(*args, **kwargs):  # labels the counter of this step (logging steps have their own)
+                self.counter.phase = during
                 try:
                     return method(*args, **kwargs)
                 finally:
-                    counter.phase = after
+                    self.counter.phase = after
 
             return wrapped
 
@@ -343,7 +343,7 @@ def main() -> None:
         start_group()
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as scratch:
         scratch = Path(scratch)
-        image_size = {"tiny": 64, "small": 128, "paper": 224}[args.preset]
+        image_size = {"tiny": 64, "small": 128, "paper": 224, "paper-tiny": 224}[args.preset]
         from bench_loader import build_synthetic_shards  # tools/ is on sys.path when run as a script
 
         shards = args.shards or build_synthetic_shards(scratch / "data", args.studies, image_size, 0)
