@@ -366,7 +366,7 @@ def main() -> None:
             records.append(trainer.body())
 
         bf16 = bool(ds_config["bf16"]["enabled"])
-        batches = [b.to(device, dtype=torch.bfloat16 if bf16 else None) for b in [next(trainer.iterator) for _ in range(4)]]
+        batches = [next(trainer.iterator) for _ in range(4)]  # already on the device (DevicePrefetcher)
         bare = bare_setup(config, batches, device, bf16)
         bare_phases: list[tuple[float, float]] = []
         measured = timed({"trainer": trainer_one, "bare": lambda i: bare_phases.append(bare(i))}, args.warmup,

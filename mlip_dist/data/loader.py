@@ -70,7 +70,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mlip_dist.data import remote
-from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD, MLIPBatch
+from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD, PIXEL_MAX, MLIPBatch
 
 logger = logging.getLogger(__name__)
 MAX_SUBSTITUTE_ATTEMPTS = 64  # draws for one place of a batch before the loader gives up
@@ -206,8 +206,8 @@ def quantize_pixels(image: torch.Tensor, bit_depth: int) -> torch.Tensor:
     """[0, 1] float -> uint8 (bit depth 8) or uint16 (16), rounded to the nearest level."""
     if bit_depth not in (8, 16):
         raise ValueError(f"bit depth must be 8 or 16, got {bit_depth}")
-    top = 255.0 if bit_depth == 8 else 65535.0
-    return torch.round(image * top).to(torch.uint8 if bit_depth == 8 else torch.uint16)
+    dtype = torch.uint8 if bit_depth == 8 else torch.uint16
+    return torch.round(image * PIXEL_MAX[dtype]).to(dtype)
 
 
 def preprocess_image(image: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None) -> torch.Tensor:

@@ -282,10 +282,9 @@ def _soft_targets(masks: list[np.ndarray | None], channels: list[int] | None, si
 
 def _images_to_tensor(images: np.ndarray, in_chans: int) -> torch.Tensor:
     """Stored uint8 (N, 1, H, W) evaluation images -> the model's normalised input."""
-    from mlip_dist.data.batch import IMAGE_MEAN, IMAGE_STD
+    from mlip_dist.data.batch import normalize_pixels
 
-    x = torch.from_numpy(images).float() / 255.0
-    return ((x - IMAGE_MEAN) / IMAGE_STD).expand(-1, in_chans, -1, -1)
+    return normalize_pixels(torch.from_numpy(images), in_chans)
 
 
 def segmentation(train: EvalFeatures, test: EvalFeatures, *, grid: tuple[int, int], image_size: int,
