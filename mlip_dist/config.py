@@ -285,6 +285,9 @@ class TrainConfig:
     # torch.compile the image and text encoders (nn.Module.compile: in place, parameter names unchanged);
     # the first steps are slower while inductor compiles (gcc on the CPU, triton on GPUs).
     compile: bool = False
+    # AdamW's fused implementation (one kernel per tensor and step; torch's CPU and GPU kernels). Off: torch's
+    # single-tensor loop, for a device without a fused AdamW kernel.
+    fused_adamw: bool = True
     # The ZeRO layout comes from --deepspeed_config (ds_configs/zeroN.json, its one source of truth). Set this
     # only to assert the stage: a value that contradicts the DeepSpeed config is refused before launch.
     zero_stage: ZeroStage | None = None

@@ -25,8 +25,48 @@ def test_ds_templates_filled_from_train_config(name, stage):
     assert config["gradient_clipping"] == 0.5
     assert config["bf16"]["enabled"] is True
     assert config["zero_optimization"]["stage"] == stage
-    assert config["optimizer"]["params"]["lr"] == 3e-4
+    assert "optimizer" not in config  # training.engine.build_optimizer builds it from train.*
     assert "auto" not in json.dumps(config)
+
+
+@pytest.mark.parametrize("block", ["optimizer", "scheduler"])
+def test_ds_template_optimizer_or_scheduler_block_is_refused(block):
+    template = json.loads((DS_CONFIGS / "zero2.json").read_text())
+    template[block] = {"type": "AdamW", "params": {"lr": 1e-2}}
+    with pytest.raises(ConfigError, match=f"'{block}' block.*train"):
+        build_deepspeed_config(template, TrainConfig(), world_size=1, bf16_supported=False)
+
+
+def test_fused_adamw_matches_the_reference_update():
+    """build_optimizer's fused AdamW takes the same steps as torch's single-tensor reference implementation
+    (weight decay on one group, a scaled lr on the other), to float rounding."""
+    from mlip_dist.training.engine import build_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    start = [torch.randn(s) for s in shapes]
+    train = TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95)
+
+    def run(make):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = make([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0,
+                                                                        "lr": 2e-3}])
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        return optimizer, params
+
+    fused, got = run(lambda groups: build_optimizer(groups, train))
+    assert all(group["fused"] for group in fused.param_groups)
+    _, want = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                                   foreach=False))
+    for g, w, s in zip(got, want, start, strict=True):
+        assert not torch.equal(w, s)
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    plain, _ = run(lambda groups: build_optimizer(groups, TrainConfig(fused_adamw=False)))
+    assert not any(group["fused"] for group in plain.param_groups)  # train.fused_adamw off: the single-tensor loop
 
 
 def test_ds_template_stage_must_agree_with_train_config():
@@ -110,6 +150,7 @@ def test_encoder_lr_scales_reach_each_parameter(single_rank_group):
     # ZeRO-2 holds flat fp32 partitions per group, so the groups are told apart by their lr: heads with and
     # without weight decay, then each encoder's two.
     assert sorted(g["lr"] for g in engine.optimizer.param_groups) == pytest.approx([1e-4, 1e-4, 5e-4, 5e-4, 1e-3, 1e-3])
+    assert all(g["fused"] for g in engine.optimizer.optimizer.param_groups)  # the client optimizer, under ZeRO-2
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # the logged lr is the heads' (group 0)
     with warnings.catch_warnings():  # torch warns that no optimizer step came first; only the schedule matters here
         warnings.simplefilter("ignore", UserWarning)
@@ -128,3 +169,25 @@ def test_encoder_lr_scales_reach_each_parameter(single_rank_group):
     for name, param in module.named_parameters():
         want = 1e-4 if name.startswith("model.text_encoder.") else 5e-4 if name.startswith("model.image_encoder.") else 1e-3
         assert (before[name] - param.detach()).abs().max().item() == pytest.approx(want, rel=1e-2), name
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_steps_with_the_fused_client_optimizer(single_rank_group, stage):
+    """train.offload: the fused AdamW steps ZeRO's fp32 partitions on the CPU and lands where the same engine
+    without offload does (three steps, tiny model)."""
+    from tiny_engines import full_params, make_engine
+
+    from mlip_dist.pretrain import StepOutcome, optimizer_step
+
+    results = []
+    for offload in (False, True):
+        engine = make_engine(stage, lr=0.01, offload=offload)
+        assert engine.optimizer.optimizer.param_groups[0]["fused"]
+        start = full_params(engine)
+        for seed in range(3):
+            batch = (torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)), torch.tensor([False]))
+            assert optimizer_step(engine, engine(batch), torch.device("cpu")) is StepOutcome.APPLIED
+        results.append(full_params(engine))
+        assert all(not torch.equal(a, b) for a, b in zip(start, results[-1], strict=True))
+    for plain, offloaded in zip(*results, strict=True):
+        torch.testing.assert_close(offloaded, plain, rtol=1e-6, atol=1e-7)

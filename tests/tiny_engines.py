@@ -28,17 +28,20 @@ class TinyNet(nn.Module):
         return loss
 
 
-def make_engine(stage: int, lr: float = 0.05, precision: str = "fp32", freeze: tuple[str, ...] = ()):
+def make_engine(stage: int, lr: float = 0.05, precision: str = "fp32", freeze: tuple[str, ...] = (),
+                offload: bool = False):
     """A DeepSpeed engine built the way pretrain.py builds one (ds_configs template + TrainConfig)."""
     import deepspeed
 
     from mlip_dist.config import TrainConfig, ZeroStage
     from mlip_dist.training.checkpoint import frozen_fp32_copies
     from mlip_dist.training.ds_config import build_deepspeed_config
+    from mlip_dist.training.engine import build_optimizer
 
     template = json.loads((REPO / "ds_configs" / f"zero{max(stage, 1)}.json").read_text())
     template["zero_optimization"]["stage"] = "auto"
-    train = TrainConfig(global_batch_size=4, zero_stage=ZeroStage(stage), lr=lr, weight_decay=0.1, precision=precision)
+    train = TrainConfig(global_batch_size=4, zero_stage=ZeroStage(stage), lr=lr, weight_decay=0.1, precision=precision,
+                        offload=offload)
     config = build_deepspeed_config(template, train, world_size=1, bf16_supported=False)
     torch.manual_seed(0)
     model = TinyNet()
@@ -46,7 +49,7 @@ def make_engine(stage: int, lr: float = 0.05, precision: str = "fp32", freeze: t
         param.requires_grad_(not name.startswith(freeze))
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen_fp32 = frozen_fp32_copies(model)  # before DeepSpeed casts the module, as pretrain.py does
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(trainable, train), config=config)
     engine.frozen_fp32 = frozen_fp32
     return engine
 

@@ -203,6 +203,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     from mlip_dist.config import LossConfig, TrainConfig
     from mlip_dist.models.presets import get_preset
     from mlip_dist.training.ds_config import build_deepspeed_config
+    from mlip_dist.training.engine import build_optimizer
     from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
 
     torch.set_num_threads(1)
@@ -217,7 +218,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     # deepspeed is imported before the model is built, so the image encoder registers its ZeRO-3
     # external parameters itself (mlip_dist.models.image_encoder), as in the trainer.
     full = sum(p.numel() for p in module.parameters())
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=parameter_groups(module, 0.05),
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(parameter_groups(module, 0.05), train),
                                            config=ds_config)
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
     zero_optimizer = engine.optimizer

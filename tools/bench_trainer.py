@@ -8,7 +8,7 @@ same config, shapes and precision for both, measured back to back:
   handling), the bad-step bookkeeping, ``ProgressLog.log`` every ``--log-every`` steps (no TensorBoard
   writer) and the stop-flag check (every step with the old ``train_step``; on logging steps with the new);
 * bare: the same ``MLIPTrainingModule`` (same seed) forward + backward + gradient clipping (the run's
-  ``grad_clip``, as DeepSpeed does) + ``torch.optim.AdamW`` (fused on CUDA, foreach elsewhere) on fp32
+  ``grad_clip``, as DeepSpeed does) + ``torch.optim.AdamW`` (fused, as the trainer's; ``--bare-foreach`` for the foreach one) on fp32
   parameters (bf16 autocast when the engine runs bf16), on pre-collated batches already on the device.
 
 Both are warmed up (``--warmup`` steps), then timed in ``--blocks`` alternating blocks of ``--steps`` in all,
@@ -23,6 +23,10 @@ consumption; and last ``trainer/bare step time: R`` (ratio of medians).
     python tools/bench_trainer.py --step-module /tmp/step_before.py     # an older mlip_dist/training/step.py
     python tools/bench_trainer.py --preset paper-tiny --batch 8                # paper's structure, widths of 64
     python tools/bench_trainer.py --preset paper --batch 128 --precision bf16 --shards S --tokenizer T   # a GPU
+
+On a CPU the step runs on the cores the loader's workers leave (``--threads``, default ``cpu count - workers``,
+at least 1), for both ways: a GPU node gives the workers cores of their own, and on 2 cores the workers would
+otherwise slow the trainer's forward by ~50 % while the bare step, on pre-collated batches, has none running.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def make_config(args, shards: Path, out_dir: Path):
         "data": {"shards": str(shards), "shuffle_buffer": 64, "augment": True},
         "train": {"output_dir": str(out_dir), "global_batch_size": args.batch, "max_steps": 10**6,
                   "warmup_steps": 10, "log_every": args.log_every, "image_log_every": 0, "eval_every": 0,
-                  "lr": 1e-4, "precision": args.precision},
+                  "lr": 1e-4, "precision": args.precision, "fused_adamw": not args.unfused_adamw},
     }
     if args.preset == "tiny":
         config["model"] = {"text": {"tokenizer": minilm_path()}}
@@ -242,16 +246,16 @@ class Trainer:
         return result, logging_step
 
 
-def bare_setup(config, batches, device, bf16: bool):
+def bare_setup(config, batches, device, bf16: bool, args_foreach: bool = False):
     from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
 
     torch.manual_seed(config.train.seed)
     module = MLIPTrainingModule(config.model, config.loss, rank=0, world_size=1).to(device)
     module.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
     module.train()
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(parameter_groups(module, config.train.weight_decay), lr=config.train.lr,
-                                  betas=(config.train.beta1, config.train.beta2), eps=1e-8, **fused)
+                                  betas=(config.train.beta1, config.train.beta2), eps=1e-8,
+                                  **({"foreach": True} if args_foreach else {"fused": True}))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext)
 
     def step(i: int, counter: OpCounter | None = None) -> tuple[float, float]:
@@ -320,7 +324,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--blocks", type=int, default=5, help="alternating timed blocks of trainer and bare steps")
     parser.add_argument("--count-steps", type=int, default=10, help="steps of the counted (dispatch-mode) run")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the step (default on a CPU: the cores the loader workers leave, at "
+                             "least 1, as on a GPU node where the workers have cores of their own; on a GPU: torch's)")
+    parser.add_argument("--unfused-adamw", action="store_true",
+                        help="train.fused_adamw off: the trainer's AdamW as before (torch's single-tensor loop)")
+    parser.add_argument("--bare-foreach", action="store_true",
+                        help="the bare step's AdamW foreach instead of fused (the comparison of earlier sessions)")
     parser.add_argument("--step-module", type=Path, help="a step.py to use instead of mlip_dist/training/step.py")
     args = parser.parse_args()
 
@@ -328,8 +338,6 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from mlip_dist.logging_utils import quiet_startup
     from mlip_dist.model_io import load_tokenizer
     from mlip_dist.pretrain import DEFAULT_DS_CONFIG, bf16_is_fast
@@ -352,7 +360,15 @@ def main() -> None:
         template["zero_optimization"]["stage"] = args.zero_stage
         ds_config = build_deepspeed_config(template, config.train, 1, bf16_is_fast())
         tokenizer = load_tokenizer(config)
-        print(f"device {device}, preset {args.preset}, batch {args.batch}, ZeRO-{args.zero_stage}, "
+        if args.threads is None and device.type == "cpu":
+            # The loader's workers are real processes: on a CPU they would otherwise share the step's cores, and the
+            # bare step (pre-collated batches) has none running. Both runs use the same thread count.
+            args.threads = max(1, (os.cpu_count() or 1) - config.data.num_workers)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"device {device}, preset {args.preset}, batch {args.batch}, ZeRO-{args.zero_stage}, trainer AdamW "
+              f"{'single-tensor' if args.unfused_adamw else 'fused'}, bare AdamW "
+              f"{'foreach' if args.bare_foreach else 'fused'}, "
               f"bf16={ds_config['bf16']['enabled']}, loader workers {config.data.num_workers}, log_every "
               f"{args.log_every}, torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, "
               f"load average {tuple(round(x, 2) for x in os.getloadavg())}")
@@ -367,7 +383,7 @@ def main() -> None:
 
         bf16 = bool(ds_config["bf16"]["enabled"])
         batches = [next(trainer.iterator) for _ in range(4)]  # already on the device (DevicePrefetcher)
-        bare = bare_setup(config, batches, device, bf16)
+        bare = bare_setup(config, batches, device, bf16, args.bare_foreach)
         bare_phases: list[tuple[float, float]] = []
         measured = timed({"trainer": trainer_one, "bare": lambda i: bare_phases.append(bare(i))}, args.warmup,
                          args.steps, args.blocks, device)

@@ -1,9 +1,11 @@
 """Build the DeepSpeed config from the training config (one source of truth).
 
 The JSON files in ``ds_configs/`` hold only what is specific to a ZeRO layout; every value written
-``"auto"`` there (batch sizes, clipping, precision) is filled here from ``TrainConfig``, and the
-optimizer block is always written here. A value that is set in the JSON file and contradicts the
-training config is an error, not a silent override.
+``"auto"`` there (batch sizes, clipping, precision) is filled here from ``TrainConfig``. A value that is
+set in the JSON file and contradicts the training config is an error, not a silent override. There is
+no optimizer block: the optimizer is built from ``TrainConfig`` by ``training.engine.build_optimizer``
+(a fused torch AdamW) and handed to ``deepspeed.initialize``; a JSON file with an ``optimizer`` or
+``scheduler`` block is refused.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ def build_deepspeed_config(
             raise ConfigError(f"DeepSpeed config {path} does not exist")
         template = json.loads(path.read_text())
     config = copy.deepcopy(template)
+    for block in ("optimizer", "scheduler"):
+        if block in config:
+            raise ConfigError(
+                f"the DeepSpeed config has a {block!r} block; mlip_dist builds the optimizer (AdamW) and the LR "
+                "schedule (warm-up + cosine) from train.* (lr, min_lr, warmup_steps, beta1, beta2, weight_decay): "
+                f"remove the block and set those fields"
+            )
     micro = resolve_micro_batch(train, world_size)
     config["train_batch_size"] = _fill(config.get("train_batch_size", "auto"), train.global_batch_size, "train_batch_size")
     config["train_micro_batch_size_per_gpu"] = _fill(
@@ -106,17 +115,7 @@ def build_deepspeed_config(
     if train.offload and "offload_optimizer" not in zero:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         config["zero_force_ds_cpu_optimizer"] = False
-    # A torch AdamW (no compiled FusedAdam/CPUAdam): identical maths on GPU and CPU, no build step.
-    config["optimizer"] = {
-        "type": "AdamW",
-        "params": {
-            "lr": train.lr,
-            "betas": [train.beta1, train.beta2],
-            "eps": 1e-8,
-            "weight_decay": train.weight_decay,
-            "torch_adam": True,
-        },
-    }
+    # The client optimizer (training.engine.build_optimizer) is a torch AdamW, also under ZeRO-Offload.
     config.setdefault("zero_force_ds_cpu_optimizer", False)
     config.setdefault("steps_per_print", 10**9)
     return config

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mlip_dist.config import MLIPConfig
+from mlip_dist.config import MLIPConfig, TrainConfig
 from mlip_dist.training.checkpoint import frozen_fp32_copies
 from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
 from mlip_dist.training.schedule import cosine_with_warmup
@@ -17,6 +17,20 @@ def compile_encoders(module: MLIPTrainingModule) -> None:
     checkpoints and exports are the same with and without compiling)."""
     module.model.image_encoder.compile()
     module.model.text_encoder.compile(dynamic=True)  # reports are padded to each batch's longest
+
+
+def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.optim.AdamW:
+    """The run's AdamW, handed to ``deepspeed.initialize`` as its client optimizer.
+
+    ``train.fused_adamw`` (default): one kernel per parameter tensor and step, on the GPU and on the CPU. Under ZeRO-1/2/3
+    DeepSpeed hands it one flat fp32 partition per group, on which torch's default (single-tensor)
+    implementation runs a dozen element-wise passes; DeepSpeed's own config block cannot ask for the fused
+    one (docs/BENCHMARKS.md, "Fused AdamW"). The maths is AdamW's either way (tests/test_training_utils.py
+    compares an update with torch's reference implementation).
+    """
+    implementation = {"fused": True} if train.fused_adamw else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8,
+                             weight_decay=train.weight_decay, **implementation)
 
 
 def build_engine(config: MLIPConfig, ds_config: dict[str, Any], rank: int, world_size: int) -> tuple[
@@ -35,10 +49,11 @@ def build_engine(config: MLIPConfig, ds_config: dict[str, Any], rank: int, world
         return cosine_with_warmup(step, warmup_steps=train.warmup_steps, max_steps=train.max_steps,
                                   base_lr=train.lr, min_lr=train.min_lr) / train.lr
 
+    groups = parameter_groups(module, train.weight_decay, lr=train.lr, lr_scales={
+        "model.image_encoder.": train.image_encoder_lr_scale, "model.text_encoder.": train.text_encoder_lr_scale})
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
-        model_parameters=parameter_groups(module, train.weight_decay, lr=train.lr, lr_scales={
-            "model.image_encoder.": train.image_encoder_lr_scale, "model.text_encoder.": train.text_encoder_lr_scale}),
+        optimizer=build_optimizer(groups, train),
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda),
     )
