@@ -16,6 +16,7 @@ import torch
 
 from mlip_dist.config import TrainConfig
 from mlip_dist.training import checkpoint as ckpt
+from mlip_dist.training.engine import apply_adamw_implementation
 from mlip_dist.training.state import DataLayout, RunCounts, TrainingState
 from mlip_dist.training.validation import best_improved
 
@@ -82,6 +83,7 @@ class Checkpointer:
         load_path, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if load_path is None:
             raise SystemExit(f"could not load checkpoint {self.dir / tag}")
+        apply_adamw_implementation(self.engine, self.train.fused_adamw)  # this run's setting, not the saved one
         layout = client_state.get("layout")
         return TrainingState.from_client_state(client_state), DataLayout(**layout) if layout else None
 

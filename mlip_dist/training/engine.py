@@ -33,6 +33,20 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.o
                              weight_decay=train.weight_decay, **implementation)
 
 
+def apply_adamw_implementation(engine: Any, fused: bool) -> None:
+    """Make the engine's AdamW fused or not after a checkpoint was loaded into it: torch's
+    ``Optimizer.load_state_dict`` takes the saved groups' settings, so a checkpoint of the other kind (or one
+    from before ``train.fused_adamw``) would otherwise decide. The step counters move to where that
+    implementation keeps them (fused: a float32 tensor on the parameter's device; else on the CPU)."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO / bf16 wrappers hold the torch one
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (False, False)
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=param.device if fused else "cpu", dtype=torch.float32)
+
+
 def build_engine(config: MLIPConfig, ds_config: dict[str, Any], rank: int, world_size: int) -> tuple[
         Any, Any, dict[str, torch.Tensor]]:
     """(engine, LR scheduler, fp32 copies of the frozen parameters taken before DeepSpeed's bf16 cast)."""
