@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_engines import TinyNet, full_params, make_engine
+from tiny_engines import TinyNet, full_params, make_engine, tiny_batch
 
 from mlip_dist.training import checkpoint as ckpt
-
-
-def tiny_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)), torch.tensor([False])
 
 
 def module_state_dict_the_old_way(engine) -> dict[str, torch.Tensor]:

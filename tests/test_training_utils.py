@@ -175,7 +175,7 @@ def test_encoder_lr_scales_reach_each_parameter(single_rank_group):
 def test_zero_offload_steps_with_the_fused_client_optimizer(single_rank_group, stage):
     """train.offload: the fused AdamW steps ZeRO's fp32 partitions on the CPU and lands where the same engine
     without offload does (three steps, tiny model)."""
-    from tiny_engines import full_params, make_engine
+    from tiny_engines import full_params, make_engine, tiny_batch
 
     from mlip_dist.pretrain import StepOutcome, optimizer_step
 
@@ -185,8 +185,7 @@ def test_zero_offload_steps_with_the_fused_client_optimizer(single_rank_group, s
         assert engine.optimizer.optimizer.param_groups[0]["fused"]
         start = full_params(engine)
         for seed in range(3):
-            batch = (torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)), torch.tensor([False]))
-            assert optimizer_step(engine, engine(batch), torch.device("cpu")) is StepOutcome.APPLIED
+            assert optimizer_step(engine, engine(tiny_batch(seed)), torch.device("cpu")) is StepOutcome.APPLIED
         results.append(full_params(engine))
         assert all(not torch.equal(a, b) for a, b in zip(start, results[-1], strict=True))
     for plain, offloaded in zip(*results, strict=True):
@@ -199,21 +198,18 @@ def test_resume_takes_the_runs_adamw_implementation_not_the_checkpoints(single_r
     """torch's load_state_dict copies the saved groups' ``fused`` flag; Checkpointer.restore sets this run's
     train.fused_adamw again, moves the step counters where that implementation keeps them, and the next step
     lands where the saving engine's own next step does (the maths is the same)."""
-    from tiny_engines import full_params, make_engine
+    from tiny_engines import full_params, make_engine, tiny_batch
 
     from mlip_dist.pretrain import StepOutcome, optimizer_step
     from mlip_dist.training.checkpointer import Checkpointer
     from mlip_dist.training.engine import apply_adamw_implementation
 
-    def batch(seed):
-        return torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)), torch.tensor([False])
-
     saver = make_engine(2, lr=0.01)
     apply_adamw_implementation(saver, saved_fused)
     for seed in range(2):
-        assert optimizer_step(saver, saver(batch(seed)), torch.device("cpu")) is StepOutcome.APPLIED
+        assert optimizer_step(saver, saver(tiny_batch(seed)), torch.device("cpu")) is StepOutcome.APPLIED
     saver.save_checkpoint(str(tmp_path), tag="t", client_state={"step": 2, "samples_seen": 8})
-    assert optimizer_step(saver, saver(batch(2)), torch.device("cpu")) is StepOutcome.APPLIED
+    assert optimizer_step(saver, saver(tiny_batch(2)), torch.device("cpu")) is StepOutcome.APPLIED
     want = full_params(saver)
 
     resumed = make_engine(2, lr=0.01)
@@ -223,6 +219,6 @@ def test_resume_takes_the_runs_adamw_implementation_not_the_checkpoints(single_r
     inner = resumed.optimizer.optimizer
     assert all(bool(group["fused"]) is run_fused for group in inner.param_groups)
     assert all(s["step"].dtype == torch.float32 and float(s["step"]) == 2.0 for s in inner.state.values())
-    assert optimizer_step(resumed, resumed(batch(2)), torch.device("cpu")) is StepOutcome.APPLIED
+    assert optimizer_step(resumed, resumed(tiny_batch(2)), torch.device("cpu")) is StepOutcome.APPLIED
     for got, expected in zip(full_params(resumed), want, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

@@ -28,6 +28,11 @@ class TinyNet(nn.Module):
         return loss
 
 
+def tiny_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TinyNet batch of 4 (no poison rows), drawn from ``seed``."""
+    return torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)), torch.tensor([False])
+
+
 def make_engine(stage: int, lr: float = 0.05, precision: str = "fp32", freeze: tuple[str, ...] = (),
                 offload: bool = False):
     """A DeepSpeed engine built the way pretrain.py builds one (ds_configs template + TrainConfig)."""

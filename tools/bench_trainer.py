@@ -8,8 +8,9 @@ same config, shapes and precision for both, measured back to back:
   handling), the bad-step bookkeeping, ``ProgressLog.log`` every ``--log-every`` steps (no TensorBoard
   writer) and the stop-flag check (every step with the old ``train_step``; on logging steps with the new);
 * bare: the same ``MLIPTrainingModule`` (same seed) forward + backward + gradient clipping (the run's
-  ``grad_clip``, as DeepSpeed does) + ``torch.optim.AdamW`` (fused, as the trainer's; ``--bare-foreach`` for the foreach one) on fp32
-  parameters (bf16 autocast when the engine runs bf16), on pre-collated batches already on the device.
+  ``grad_clip``, as DeepSpeed does) + the trainer's ``build_optimizer`` AdamW (fused; ``--bare-foreach``
+  for torch's foreach one) on fp32 parameters (bf16 autocast when the engine runs bf16), on pre-collated
+  batches already on the device.
 
 Both are warmed up (``--warmup`` steps), then timed in ``--blocks`` alternating blocks of ``--steps`` in all,
 so that another process's load spike on a shared machine hits both alike. Prints median and p90 step time,
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -246,16 +248,19 @@ class Trainer:
         return result, logging_step
 
 
-def bare_setup(config, batches, device, bf16: bool, args_foreach: bool = False):
+def bare_setup(config, batches, device, bf16: bool, foreach: bool = False):
+    from mlip_dist.training.engine import build_optimizer
     from mlip_dist.training.module import MLIPTrainingModule, parameter_groups
 
     torch.manual_seed(config.train.seed)
     module = MLIPTrainingModule(config.model, config.loss, rank=0, world_size=1).to(device)
     module.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
     module.train()
-    optimizer = torch.optim.AdamW(parameter_groups(module, config.train.weight_decay), lr=config.train.lr,
-                                  betas=(config.train.beta1, config.train.beta2), eps=1e-8,
-                                  **({"foreach": True} if args_foreach else {"fused": True}))
+    optimizer = build_optimizer(parameter_groups(module, config.train.weight_decay),
+                                dataclasses.replace(config.train, fused_adamw=True))  # the trainer's AdamW, fused
+    if foreach:  # the comparison of earlier sessions
+        for group in optimizer.param_groups:
+            group.update(fused=False, foreach=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext)
 
     def step(i: int, counter: OpCounter | None = None) -> tuple[float, float]:

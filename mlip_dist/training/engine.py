@@ -19,18 +19,23 @@ def compile_encoders(module: MLIPTrainingModule) -> None:
     module.model.text_encoder.compile(dynamic=True)  # reports are padded to each batch's longest
 
 
+def adamw_implementation(fused: bool) -> dict[str, bool | None]:
+    """torch AdamW's implementation settings (constructor keywords and param-group keys): fused, or torch's
+    single-tensor loop."""
+    return {"fused": True, "foreach": None} if fused else {"fused": False, "foreach": False}
+
+
 def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.optim.AdamW:
     """The run's AdamW, handed to ``deepspeed.initialize`` as its client optimizer.
 
-    ``train.fused_adamw`` (default): one kernel per parameter tensor and step, on the GPU and on the CPU. Under ZeRO-1/2/3
-    DeepSpeed hands it one flat fp32 partition per group, on which torch's default (single-tensor)
-    implementation runs a dozen element-wise passes; DeepSpeed's own config block cannot ask for the fused
-    one (docs/BENCHMARKS.md, "Fused AdamW"). The maths is AdamW's either way (tests/test_training_utils.py
-    compares an update with torch's reference implementation).
+    ``train.fused_adamw`` (default): one kernel per parameter tensor and step, on the GPU and on the CPU.
+    Under ZeRO-1/2/3 DeepSpeed hands it one flat fp32 partition per group, on which torch's default
+    (single-tensor) implementation runs a dozen element-wise passes; DeepSpeed's own config block cannot ask
+    for the fused one (docs/BENCHMARKS.md, "Fused AdamW"). The maths is AdamW's either way
+    (tests/test_training_utils.py compares an update with torch's reference implementation).
     """
-    implementation = {"fused": True} if train.fused_adamw else {"foreach": False}
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8,
-                             weight_decay=train.weight_decay, **implementation)
+                             weight_decay=train.weight_decay, **adamw_implementation(train.fused_adamw))
 
 
 def apply_adamw_implementation(engine: Any, fused: bool) -> None:
@@ -40,7 +45,7 @@ def apply_adamw_implementation(engine: Any, fused: bool) -> None:
     implementation keeps them (fused: a float32 tensor on the parameter's device; else on the CPU)."""
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO / bf16 wrappers hold the torch one
     for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = (True, None) if fused else (False, False)
+        group.update(adamw_implementation(fused))
         for param in group["params"]:
             state = optimizer.state.get(param)
             if state and torch.is_tensor(state.get("step")):
